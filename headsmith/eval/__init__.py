@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, agreement with the source model, embedding similarity; bundled texts."""

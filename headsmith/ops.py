@@ -1,0 +1,131 @@
+"""headsmith's custom ops: the canonical attention every raised program uses.
+
+``headsmith::attention(q, k, v, key_mask, causal, scale, window, sinks, softcap, layer) -> out``
+
+Layout letters used in this file: B batch, Hq query heads, Hkv key/value heads, Tq query length,
+Tk key length, D head dim of q/k, Dv head dim of v.
+
+Semantics (those of ONNX ``Attention`` opset 23 and onnxruntime's ``GroupQueryAttention``):
+
+- ``q[B,Hq,Tq,D]``, ``k[B,Hkv,Tk,D]``, ``v[B,Hkv,Tk,Dv]`` -> ``out[B,Hq,Tq,Dv]``; ``Hq % Hkv == 0`` and
+  query head ``h`` reads key/value head ``h // (Hq // Hkv)`` (the layout of HF's ``repeat_kv``).
+- Queries are the *last* ``Tq`` positions of the ``Tk`` keys (bottom-right alignment): query ``i`` sits
+  at key index ``i + Tk - Tq``. A prefill has ``Tq == Tk``; a decode step with a cache has ``Tq < Tk``.
+- ``key_mask[B,Tk]`` (bool, optional): False marks padding keys, never attended.
+- ``causal``: key ``j`` is visible to query ``i`` only if ``j <= i + Tk - Tq``.
+- ``window > 0``: additionally ``(i + Tk - Tq) - j < window`` (a sliding window of ``window`` keys,
+  the query's own included), except that the first ``sinks`` keys stay visible (attention sinks).
+- ``scale``: the softmax scale; ``0.0`` means ``1 / sqrt(D)``. ``softcap > 0`` applies
+  ``softcap * tanh(scores / softcap)`` before masking.
+- A query row whose keys are all masked gets the mean of ``v`` (masked scores are the most negative
+  finite float, not ``-inf``), so no backend produces NaN on padding rows.
+- ``layer`` is the index of the transformer layer the op belongs to; it does not change the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention", "attention_mask_bias"]
+
+
+def attention_mask_bias(key_mask: Tensor | None, tq: int, tk: int, causal: bool, window: int,
+                        sinks: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """The additive mask ``[B|1, 1, Tq, Tk]`` (0 where visible, the most negative float elsewhere)."""
+    allowed: Tensor | None = None
+    if causal or window > 0:
+        q_pos_T1 = torch.arange(tq, device=device).unsqueeze(1) + (tk - tq)
+        k_pos_1S = torch.arange(tk, device=device).unsqueeze(0)
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
+        if causal:
+            allowed = allowed & (k_pos_1S <= q_pos_T1)
+        if window > 0:
+            in_window = (q_pos_T1 - k_pos_1S) < window
+            if sinks > 0:
+                in_window = in_window | (k_pos_1S < sinks)
+            allowed = allowed & in_window
+        allowed = allowed[None, None]
+    if key_mask is not None:
+        keys = key_mask.to(torch.bool)[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    if allowed is None:
+        return None
+    zero = torch.zeros((), dtype=dtype, device=device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.where(allowed, zero, neg)
+
+
+@torch.library.custom_op("headsmith::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = True,
+              scale: float = 0.0, window: int = 0, sinks: int = 0, softcap: float = 0.0,
+              layer: int = -1) -> Tensor:
+    """Reference kernel (torch SDPA with an additive mask); see the module docstring."""
+    _, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    if hq % hkv != 0:
+        raise ValueError(f"attention: {hq} query heads are not a multiple of {hkv} key/value heads")
+    sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
+    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device)
+    if softcap > 0.0:
+        rep = hq // hkv
+        k_rep = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+        v_rep = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        scores = torch.matmul(q, k_rep.transpose(-1, -2)) * sm_scale
+        scores = torch.tanh(scores / softcap) * softcap
+        if bias is not None:
+            scores = scores + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.matmul(probs, v_rep)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, scale=sm_scale, enable_gqa=hq != hkv)
+    return out.contiguous()
+
+
+@attention.register_fake
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
+                    causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
+                    softcap: float = 0.0, layer: int = -1) -> Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+def _attention_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[object, ...],
+                             output: Tensor) -> None:
+    ctx.save_for_backward(*[t for t in inputs[:3]])  # type: ignore[arg-type]
+    ctx.extra = inputs[3:]  # type: ignore[attr-defined]
+
+
+def _attention_backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # noqa: ANN202
+    q, k, v = ctx.saved_tensors  # type: ignore[attr-defined]
+    key_mask, causal, scale, window, sinks, softcap, _layer = ctx.extra  # type: ignore[attr-defined]
+    with torch.enable_grad():
+        q_ = q.detach().requires_grad_(True)
+        k_ = k.detach().requires_grad_(True)
+        v_ = v.detach().requires_grad_(True)
+        out = _attention_math(q_, k_, v_, key_mask, causal, scale, window, sinks, softcap)
+        gq, gk, gv = torch.autograd.grad(out, (q_, k_, v_), grad_out)
+    return gq, gk, gv, None, None, None, None, None, None, None
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool,
+                    scale: float, window: int, sinks: int, softcap: float) -> Tensor:
+    """Differentiable twin of the reference kernel (used for backward, e.g. by ``heal``)."""
+    _, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
+    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device)
+    if softcap > 0.0:
+        rep = hq // hkv
+        k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+        v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * sm_scale / softcap) * softcap
+        if bias is not None:
+            scores = scores + bias
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, scale=sm_scale, enable_gqa=hq != hkv)
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)

@@ -1,0 +1,1 @@
+"""Runtime: engines, KV cache, generation, benchmarks."""
