@@ -192,7 +192,9 @@ class Program:
         return bool(attention_nodes(self.gm.graph))
 
     def n_params(self) -> int:
-        return sum(t.numel() for t in self.weights().values())
+        """Parameters the graph reads (each tensor once; buffers such as RoPE tables excluded)."""
+        params = {id(p) for p in self.gm.parameters()}
+        return sum(t.numel() for t in self.weights().values() if id(t) in params)
 
     def weights(self) -> dict[str, Tensor]:
         """Every weight the graph reads, by ``get_attr`` target (each tensor once)."""

@@ -6,6 +6,7 @@ Instruments see every pass before and after it runs:
   ``ctx.atol``, relative to the output's magnitude); lossy passes get KL divergence, top-1 agreement and
   logit cosine against their input on seeded calibration inputs, reported (and checked against
   ``ctx.kl_budget`` when set).
+- ``Lint``: ``graph.lint()`` after every pass that changed the graph.
 - ``Timing``: wall seconds per pass.
 - ``Dump``: the printed graph before and after each pass, into ``ctx.dump_dir``.
 
@@ -69,13 +70,25 @@ class Dump(Instrument):
         return {"dump": str(path)}
 
 
+#: set by the test suite's autouse fixture: verification cannot be switched off by a PassContext
+FORCE_VERIFY = False
+
+
+@dataclass
+class Lint(Instrument):
+    def after(self, p: Pass, before: Program, result: PassResult, ctx: PassContext) -> dict[str, Any]:
+        if result.modified:
+            result.program.gm.graph.lint()
+        return {}
+
+
 @dataclass
 class Verify(Instrument):
     batch: int = 2
     seq: int = 24
 
     def after(self, p: Pass, before: Program, result: PassResult, ctx: PassContext) -> dict[str, Any]:
-        if not ctx.verify or not result.modified:
+        if not (ctx.verify or FORCE_VERIFY) or not result.modified:
             return {}
         after = result.program
         if p.exact:
@@ -104,7 +117,7 @@ class Verify(Instrument):
         return metrics
 
 
-DEFAULT_INSTRUMENTS: tuple[type[Instrument], ...] = (Timing, Verify, Dump)
+DEFAULT_INSTRUMENTS: tuple[type[Instrument], ...] = (Timing, Lint, Verify, Dump)
 
 
 @dataclass

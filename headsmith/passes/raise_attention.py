@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, fx
 
 from ..errors import RaiseError
-from ..fxutil import erase_dead, evaluate, format_near, is_call, module_path, record_values
+from ..fxutil import erase_dead, evaluate, is_call, module_path, record_values
 from ..ops import attention_mask_bias
 from ..program import Program
 from ..sites import ATTENTION
@@ -187,7 +187,9 @@ class RaiseAttention(Pass):
             cache[key] = classify_mask(value, is_causal, inputs["attention_mask"])
         sem = cache[key]
         if isinstance(sem, MatchResult):
-            raise RaiseError(f"cannot raise the attention of layer {layer}: {sem.reason}\n{format_near(node)}")
+            raise RaiseError(f"cannot raise the attention of layer {layer}: {sem.reason}",
+                             "headsmith.attention expresses causal / bidirectional / sliding-window masks "
+                             "with padding; this model's attention needs an extension")
         kwargs: dict[str, Any] = {"causal": sem.causal, "scale": float(scale) if scale else 0.0,
                                   "window": sem.window, "sinks": sem.sinks, "softcap": 0.0, "layer": layer}
         with gm.graph.inserting_before(node):
