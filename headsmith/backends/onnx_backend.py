@@ -1,0 +1,258 @@
+"""ONNX backend: export the prefill / decode graphs (or an encoder's forward) to ONNX for onnxruntime.
+
+``torch.onnx.export(..., dynamo=True)`` with a translation for ``headsmith.attention``:
+
+- ``plain`` (default): standard ONNX ops. GQA without copying K/V: ``q[B,Hq,T,D]`` is reshaped to
+  ``[B,Hkv,n*T,D]`` so each KV head is read once, scores get the mask as an additive bias built from
+  ``Range``/``Less``/``Where`` (causal, window, sinks, key padding), then ``Softmax`` and ``MatMul``;
+- ``attention23``: the standard ONNX ``Attention`` op (opset 23) with an explicit boolean mask.
+
+``benchmarks/onnx_attention_variants.py`` measures both (and onnxruntime's ``GroupQueryAttention``) on
+SmolLM2-135M; the default is the fastest measured. Dynamic dims: batch, new tokens, cached tokens. The
+prefill and decode models share one external weight file (``model.onnx.data``), so weights are stored once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from ..errors import BackendError
+from ..program import Program
+from ..sites import ATTENTION
+
+OPSET = 20
+NEG = -3.4028234663852886e38  # most negative float32: masked scores (softmax never sees -inf)
+
+
+def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool = True, scale: float = 0.0,
+                     window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1) -> Any:
+    """``headsmith.attention`` in opset-20 ops (see the module docstring)."""
+    from onnxscript import opset20 as op
+
+    del layer
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    shape_q = op.Shape(q)
+    shape_k = op.Shape(k)
+    b = op.Slice(shape_q, zero, one)
+    hq = op.Slice(shape_q, one, op.Constant(value_ints=[2]))
+    tq = op.Slice(shape_q, op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    d = op.Slice(shape_q, op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    hkv = op.Slice(shape_k, one, op.Constant(value_ints=[2]))
+    tk = op.Slice(shape_k, op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    rep = op.Div(hq, hkv)
+    minus_one = op.Constant(value_ints=[-1])
+    # q[B,Hq,T,D] -> [B,Hkv,rep*T,D]: query heads of a group share their KV head without expanding K/V
+    if scale > 0.0:
+        q = op.Mul(q, op.CastLike(op.Constant(value_float=scale), q))
+    else:
+        q = op.Div(q, op.Sqrt(op.CastLike(op.Cast(d, to=1), q)))
+    q_g = op.Reshape(q, op.Concat(b, hkv, minus_one, d, axis=0))
+    scores = op.MatMul(q_g, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B,Hkv,rep*T,Tk]
+    scores = op.Reshape(scores, op.Concat(b, hkv, rep, tq, tk, axis=0))  # [B,Hkv,rep,T,Tk]
+    if softcap > 0.0:
+        cap = op.CastLike(op.Constant(value_float=softcap), scores)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    allowed = None
+    if causal or window > 0:
+        tq_s = op.Squeeze(tq, zero)
+        tk_s = op.Squeeze(tk, zero)
+        q_pos = op.Add(op.Range(op.Constant(value_int=0), tq_s, op.Constant(value_int=1)), op.Sub(tk_s, tq_s))
+        q_pos = op.Unsqueeze(q_pos, one)  # [T,1]
+        k_pos = op.Unsqueeze(op.Range(op.Constant(value_int=0), tk_s, op.Constant(value_int=1)), zero)  # [1,Tk]
+        if causal:
+            allowed = op.LessOrEqual(k_pos, q_pos)
+        if window > 0:
+            in_window = op.Less(op.Sub(q_pos, k_pos), op.Constant(value_int=window))
+            if sinks > 0:
+                in_window = op.Or(in_window, op.Less(k_pos, op.Constant(value_int=sinks)))
+            allowed = in_window if allowed is None else op.And(allowed, in_window)
+        allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[0, 1, 2]))  # [1,1,1,T,Tk]
+    if key_mask is not None:
+        keys = op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2, 3]))  # [B,1,1,1,Tk]
+        allowed = keys if allowed is None else op.And(allowed, keys)
+    if allowed is not None:
+        bias = op.Where(allowed, op.CastLike(op.Constant(value_float=0.0), scores),
+                        op.CastLike(op.Constant(value_float=NEG), scores))
+        scores = op.Add(scores, bias)
+    probs = op.Softmax(scores, axis=-1)
+    probs = op.Reshape(probs, op.Concat(b, hkv, minus_one, tk, axis=0))  # [B,Hkv,rep*T,Tk]
+    out = op.MatMul(probs, v)  # [B,Hkv,rep*T,Dv]
+    dv = op.Slice(op.Shape(v), op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    return op.Reshape(out, op.Concat(b, hq, tq, dv, axis=0))
+
+
+def _attention23(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool = True, scale: float = 0.0,
+                 window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1) -> Any:
+    """``headsmith.attention`` as the standard ONNX ``Attention`` op (opset 23) with a boolean mask."""
+    from onnxscript import opset23 as op
+
+    del layer
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    tq = op.Squeeze(op.Slice(op.Shape(q), op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), zero)
+    tk = op.Squeeze(op.Slice(op.Shape(k), op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), zero)
+    q_pos = op.Unsqueeze(op.Add(op.Range(op.Constant(value_int=0), tq, op.Constant(value_int=1)), op.Sub(tk, tq)), one)
+    k_pos = op.Unsqueeze(op.Range(op.Constant(value_int=0), tk, op.Constant(value_int=1)), zero)
+    allowed = op.Expand(op.Constant(value_ints=[1]), op.Constant(value_ints=[1, 1]))
+    allowed = op.Cast(allowed, to=9)
+    if causal:
+        allowed = op.And(allowed, op.LessOrEqual(k_pos, q_pos))
+    if window > 0:
+        in_window = op.Less(op.Sub(q_pos, k_pos), op.Constant(value_int=window))
+        if sinks > 0:
+            in_window = op.Or(in_window, op.Less(k_pos, op.Constant(value_int=sinks)))
+        allowed = op.And(allowed, in_window)
+    allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[0, 1]))  # [1,1,T,Tk]
+    if key_mask is not None:
+        allowed = op.And(allowed, op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2])))
+    kwargs: dict[str, Any] = {}
+    if scale > 0.0:
+        kwargs["scale"] = scale
+    if softcap > 0.0:
+        kwargs["softcap"] = softcap
+    return op.Attention(q, k, v, allowed, **kwargs)
+
+
+VARIANTS = {"plain": _plain_attention, "attention23": _attention23}
+DEFAULT_VARIANT = "plain"
+
+
+def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple[Any, ...], path: Path,
+                 input_names: list[str], output_names: list[str], variant: str = DEFAULT_VARIANT,
+                 optimize: bool = False) -> None:
+    """Export one graph to ``path`` (with its weights in ``path.name + '.data'``)."""
+    opset = 23 if variant == "attention23" else OPSET
+    ep = _export(gm, example, dynamic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            onnx_program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=input_names,
+                                             output_names=output_names, optimize=optimize, verbose=False,
+                                             custom_translation_table={ATTENTION: VARIANTS[variant]})
+        except Exception as e:  # torch.onnx raises many error types; report the first line, keep the cause
+            raise BackendError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}") from e
+    assert onnx_program is not None
+    onnx_program.save(str(path), external_data=True)
+
+
+def _export(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple[Any, ...]) -> Any:
+    try:
+        return torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # report torch.export's first line, keep the cause
+        raise BackendError(f"torch.export before ONNX failed: {str(e).strip().splitlines()[0][:300]}") from e
+
+
+def share_weights(primary: Path, secondary: Path) -> None:
+    """Point ``secondary``'s initializers at ``primary``'s external data where they are identical."""
+    import onnx
+    from onnx import external_data_helper as edh
+
+    a = onnx.load(str(primary), load_external_data=False)
+    a_info: dict[str, tuple[dict[str, str], int]] = {}
+    for init in a.graph.initializer:
+        if edh.uses_external_data(init):
+            a_info[init.name] = ({e.key: e.value for e in init.external_data}, init.data_type)
+    b = onnx.load(str(secondary), load_external_data=True)
+    data_a = primary.parent / next(iter(a_info.values()))[0]["location"] if a_info else None
+    blob = data_a.read_bytes() if data_a is not None else b""
+    moved = 0
+    for init in b.graph.initializer:
+        info = a_info.get(init.name)
+        if info is None or info[1] != init.data_type:
+            continue
+        ext, _ = info
+        offset, length = int(ext.get("offset", 0)), int(ext["length"])
+        raw = onnx.numpy_helper.to_array(init).tobytes()
+        if raw != blob[offset:offset + length]:
+            continue
+        init.ClearField("raw_data")
+        del init.float_data[:]
+        init.data_location = onnx.TensorProto.EXTERNAL
+        del init.external_data[:]
+        for key, value in ext.items():
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+        moved += 1
+    old_data = secondary.parent / (secondary.name + ".data")
+    if old_data.exists():
+        old_data.unlink()
+    onnx.save_model(b, str(secondary), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=secondary.name + ".data", size_threshold=1024)
+    del moved
+
+
+def decode_dynamic(n_past: int) -> tuple[Any, ...]:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    new = torch.export.Dim("new", min=1, max=65536)
+    past = torch.export.Dim("past", min=0, max=1 << 20)
+    total = torch.export.Dim("total", min=1, max=(1 << 20) + 65536)
+    return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: total}) + tuple(
+        {0: batch, 2: past} for _ in range(n_past))
+
+
+def lower_onnx(program: Program, directory: Path, progress: Any = None,
+               variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
+    """Write ``model.onnx`` (encoders) or ``prefill.onnx`` + ``decode.onnx`` into ``directory``."""
+    import onnx
+
+    from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
+
+    if variant not in VARIANTS:
+        raise BackendError(f"unknown ONNX attention variant {variant!r}", f"choose one of {', '.join(VARIANTS)}")
+    ids, pos, mask = program.example_inputs(batch=2, seq=8)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=65536)
+    inputs = ["input_ids", "position_ids", "attention_mask"]
+    if program.info.task == "encoder":
+        _say(progress, "exporting model.onnx")
+        export_graph(program.gm, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "model.onnx", inputs,
+                     ["last_hidden_state"], variant)
+        onnx.checker.check_model(str(directory / "model.onnx"), full_check=False)
+        return {"name": "onnx", "variant": variant, "opset": OPSET, "forward": "model.onnx", "cache": []}
+    pre, entries = prefill_graph(program)
+    dec, _ = decode_graph(program)
+    cache_names = [e.name.replace(".", "_") for e in entries]
+    _say(progress, "exporting prefill.onnx")
+    export_graph(pre, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "prefill.onnx", inputs,
+                 ["logits", *[f"present_{n}" for n in cache_names]], variant)
+    with torch.no_grad():
+        cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
+    ids2, pos2 = ids[:, :3].contiguous(), pos[:, :3] + 8
+    mask2 = torch.ones(ids.shape[0], 11, dtype=torch.int64)
+    _say(progress, "exporting decode.onnx")
+    export_graph(dec, (ids2, pos2, mask2, *cache), decode_dynamic(len(cache)), directory / "decode.onnx",
+                 inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
+                 variant)
+    share_weights(directory / "prefill.onnx", directory / "decode.onnx")
+    for name in ("prefill.onnx", "decode.onnx"):
+        onnx.checker.check_model(str(directory / name), full_check=False)
+    return {"name": "onnx", "variant": variant, "opset": OPSET, "prefill": "prefill.onnx",
+            "decode": "decode.onnx", "cache": layout_dict(entries)}
+
+
+def _say(progress: Any, text: str) -> None:
+    if progress is not None:
+        progress(text)
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or max(1, (os.cpu_count() or 1))
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers())
