@@ -2,7 +2,10 @@
 
     headsmith inspect MODEL [--json]
     headsmith passes
-    headsmith convert MODEL --passes SPEC --backend torch -o OUT [--force]
+    headsmith convert MODEL --passes SPEC --backend torch|onnx -o OUT [--force]
+    headsmith run ARTIFACT --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
+    headsmith eval ARTIFACT [--text FILE] [--max-tokens N] [--json]
+    headsmith bench ARTIFACT [--contexts 128,512,2048] [--new-tokens N] [--json] [--plot FILE.png]
 
 User errors print ``error: <what is wrong>`` and a ``hint:`` line on stderr and exit with code 2;
 ``--debug`` (before the command) shows the traceback of wrapped errors too.
@@ -175,6 +178,169 @@ def _print_reports(reports: tuple[dict[str, Any], ...]) -> None:
             check = f"hidden cos {r['hidden_cosine']:.4f}"
         table.add_row(str(r.get("pass")), str(r.get("count", "")), f"{r.get('seconds', 0):.2f}", check)
     out.print(table)
+
+
+# ---- run / eval / bench ------------------------------------------------------------------------------
+def _artifact(path: Path) -> Any:
+    from .backends.artifact import read_artifact
+    return read_artifact(path)
+
+
+def _source_model(artifact: Any, quiet: bool) -> Any:
+    """The artifact's source as an HF model, or None (with a note) when it cannot be loaded here."""
+    from .frontend.load import load_hf
+    source = artifact.source.name if artifact.source.kind == "builtin" else artifact.source.path
+    try:
+        with status(f"loading the source model {source} for comparison", quiet=quiet):
+            return load_hf(source, install=False).model
+    except HeadsmithError as e:
+        err.print(f"note: source model not available ({e.message}); skipping comparisons", highlight=False)
+        return None
+
+
+@app.command()
+def run(
+    artifact_dir: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="Output directory of `convert`.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", help="Prompt text (repeat for a batch).")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens.")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Use the chat template (default: if any).")] = None,
+) -> None:
+    """Generate text from an artifact, streaming tokens as they come."""
+    from .runtime.engine import engine_for
+    from .runtime.generate import GenerationConfig, chat_prompt, generate
+
+    art = _artifact(artifact_dir)
+    if art.tokenizer is None:
+        raise HeadsmithError(f"artifact {artifact_dir} has no tokenizer", "convert a model that ships one")
+    engine = engine_for(art)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed)
+    prompts = [chat_prompt(art.tokenizer, p, chat) for p in prompt]
+    texts: list[list[int]] = [[] for _ in prompts]
+    shown = [0 for _ in prompts]
+
+    def stream(row: int, token: int) -> None:
+        if len(prompts) != 1:
+            return
+        texts[row].append(token)
+        text = art.tokenizer.decode(texts[row], skip_special_tokens=True)
+        out.print(text[shown[row]:], end="", highlight=False, markup=False, soft_wrap=True)
+        out.file.flush()
+        shown[row] = len(text)
+
+    result = generate(engine, prompts, config, stream=stream)
+    if len(prompts) == 1:
+        out.print()
+    else:
+        for p, toks in zip(prompt, result.tokens):
+            out.print(f"[bold]{p}[/bold]", highlight=False)
+            out.print(art.tokenizer.decode(toks, skip_special_tokens=True), highlight=False, markup=False)
+    err.print(f"{sum(map(len, result.tokens))} tokens, prefill {result.prefill_seconds:.2f}s, decode "
+              f"{result.decode_tokens_per_second:.1f} tok/s ({engine.name})", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    artifact_dir: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="Output directory of `convert`.")],
+    text: Annotated[Path | None, typer.Option("--text", help="Text file (default: the bundled held-out text).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens of the text to score.")] = 4096,
+    window: Annotated[int, typer.Option("--window", help="Sliding-window length.")] = 1024,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Compare with the source model.")] = True,
+) -> None:
+    """Perplexity on a text (KL / top-1 agreement with the source when it can be loaded); encoders: embedding cosine."""
+    from .eval.data import EVAL_TEXT, read_text, tokenize
+    from .eval.metrics import embedding_similarity, hf_forward, perplexity, sentences
+    from .runtime.engine import engine_for
+
+    art = _artifact(artifact_dir)
+    if art.tokenizer is None:
+        raise HeadsmithError(f"artifact {artifact_dir} has no tokenizer", "convert a model that ships one")
+    engine = engine_for(art)
+    body = read_text(text, EVAL_TEXT)
+    source = _source_model(art, as_json) if compare else None
+    ref = hf_forward(source, art.info.task) if source is not None else None
+    with status("evaluating", quiet=as_json):
+        if art.info.task == "encoder":
+            texts = sentences(body, max(8, max_tokens // 32))
+            result: dict[str, Any] = {"perplexity": None, "tokens": 0}
+            if ref is not None:
+                result.update(embedding_similarity(engine.forward, ref, art.tokenizer, texts))
+        else:
+            ids = tokenize(art.tokenizer, body, max_tokens)
+            win = min(window, art.info.max_positions or window)
+            result = perplexity(engine.forward, ids, window=win, reference=ref)
+    result["backend"] = engine.name
+    result["text"] = str(text or EVAL_TEXT.name)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    for key, value in result.items():
+        out.print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}", highlight=False)
+
+
+@app.command()
+def bench(
+    artifact_dir: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="Output directory of `convert`.")],
+    contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated context lengths.")] = "128,512,2048",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Decode steps timed per context.")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
+    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also time HF transformers.")] = True,
+) -> None:
+    """Prefill/decode tokens/s per context, KV bytes/token, peak RSS, vs HF transformers and the bandwidth bound."""
+    from .runtime.bench import plot, run_bench
+    from .runtime.engine import engine_for
+
+    try:
+        ctx_list = [int(c) for c in contexts.split(",") if c.strip()]
+    except ValueError:
+        raise HeadsmithError(f"--contexts must be comma-separated integers, got {contexts!r}") from None
+    if not ctx_list or min(ctx_list) < 1:
+        raise HeadsmithError(f"--contexts needs positive lengths, got {contexts!r}")
+    art = _artifact(artifact_dir)
+    if art.info.task != "causal-lm":
+        raise HeadsmithError(f"{art.info.architecture} is an encoder: bench times decoding", "use `headsmith eval`")
+    engine = engine_for(art)
+    limit = art.info.max_positions
+    if limit is not None and max(ctx_list) + new_tokens + 2 > limit:
+        raise HeadsmithError(f"context {max(ctx_list)} + {new_tokens} new tokens exceeds the model's {limit} positions")
+    source = _source_model(art, as_json) if compare else None
+    kv = art.spec.kv_bytes_per_token(4)
+    with status("benchmarking", quiet=as_json):
+        result = run_bench(engine, art.tokenizer, ctx_list, new_tokens, int(art.manifest["decode_weight_bytes"]), kv,
+                           source, progress=None if as_json else _progress(False))
+    if plot_path is not None:
+        plot(result, str(plot_path))
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    print_bench(result)
+
+
+def print_bench(result: dict[str, Any]) -> None:
+    table = Table(title=f"decode benchmark ({result['backend']}, {result['threads']} threads, "
+                        f"{result['bandwidth_gb_s']:.1f} GB/s measured read bandwidth)")
+    cols = ["context", "prefill tok/s", "decode tok/s", "bound tok/s", "of bound"]
+    has_hf = bool(result["contexts"]) and "hf_decode_tok_s" in result["contexts"][0]
+    if has_hf:
+        cols += ["HF prefill tok/s", "HF decode tok/s", "HF of bound", "ratio vs HF"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in result["contexts"]:
+        row = [str(r["context"]), f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['bound_tok_s']:.1f}",
+               f"{r['fraction_of_bound']:.0%}"]
+        if has_hf:
+            row += [f"{r['hf_prefill_tok_s']:.0f}", f"{r['hf_decode_tok_s']:.1f}", f"{r['hf_fraction_of_bound']:.0%}",
+                    f"{r['ratio_vs_hf']:.2f}x"]
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"weights read per token {result['weight_bytes'] / 1e6:.1f} MB, KV cache {result['kv_bytes_per_token']:,} "
+              f"bytes/token (fp32), peak RSS {result['peak_rss_mb']:.0f} MB", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,9 @@ from headsmith.passes import manager
 
 torch.set_num_threads(2)
 
+# a larger init scale than HF's default, so greedy decoding of the random models is not one token repeated
 COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "max_position_embeddings": 256}
+          "num_attention_heads": 4, "max_position_embeddings": 256, "initializer_range": 0.3}
 
 TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", {**COMMON, "num_key_value_heads": 2, "architectures": ["LlamaForCausalLM"],
@@ -29,11 +30,12 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {**COMMON, "num_key_value_heads": 2, "architectures": ["Qwen2ForCausalLM"]}),
     "mistral": ("MistralConfig", {**COMMON, "num_key_value_heads": 2, "sliding_window": 8,
                                   "architectures": ["MistralForCausalLM"]}),
-    "gemma3": ("Gemma3TextConfig", {**COMMON, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 8,
+    "gemma3": ("Gemma3TextConfig", {**COMMON, "initializer_range": 0.05, "num_key_value_heads": 1, "head_dim": 16,
+                                    "sliding_window": 8,
                                     "layer_types": ["sliding_attention", "full_attention"],
                                     "architectures": ["Gemma3ForCausalLM"]}),
     "gpt2": ("GPT2Config", {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
-                            "architectures": ["GPT2LMHeadModel"]}),
+                            "initializer_range": 0.3, "architectures": ["GPT2LMHeadModel"]}),
     "phi3": ("Phi3Config", {**COMMON, "num_key_value_heads": 2, "pad_token_id": 0,
                             "architectures": ["Phi3ForCausalLM"]}),
     "bert": ("BertConfig", {**COMMON, "architectures": ["BertModel"]}),
@@ -60,10 +62,27 @@ def hf_model(arch: str) -> torch.nn.Module:
 
 
 @functools.cache
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A 128-token BPE trained on the bundled calibration text, so tiny models can read real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from headsmith.eval.data import CALIBRATION_TEXT
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<unk>", "<s>", "</s>"], limit_alphabet=60)
+    tok.train_from_iterator([CALIBRATION_TEXT.read_text()[:200_000]], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
+
+
+@functools.cache
 def tiny_dir(arch: str) -> Path:
-    """A saved HF directory of the tiny ``arch`` model (created once per test session)."""
+    """A saved HF directory (weights, config, tokenizer) of the tiny ``arch`` model, created once per session."""
     d = _ROOT / arch
     hf_model(arch).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
     return d
 
 

@@ -1,7 +1,8 @@
 """Backends: lower a program into an artifact directory and run it.
 
 ``lower(name, program, directory, progress)`` writes the backend's files into ``directory`` and returns the
-manifest's ``backend`` record. The torch backend is the ``program.pt2`` that every artifact carries.
+manifest's ``backend`` record. The torch backend's files (``prefill.pt2``/``decode.pt2``) are written by
+``artifact.write_artifact`` itself; ``onnx`` writes ``prefill.onnx``/``decode.onnx`` (or ``model.onnx``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from ..program import Program
 
 
 def lower(name: str, program: Program, directory: Path, progress: Any = None) -> dict[str, Any]:
-    if name == "torch":
-        return {"name": "torch", "program": "program.pt2"}
+    if name == "onnx":
+        from .onnx_backend import lower_onnx
+        return lower_onnx(program, directory, progress)
     raise BackendError(f"backend {name!r} is not available in this version of headsmith",
-                       "use --backend torch")
+                       "use --backend torch or --backend onnx")
+
+
+def engine_for_backend(artifact: Any, threads: int | None = None) -> Any:
+    """The runtime engine for backends other than torch and onnx."""
+    name = artifact.manifest["backend"]["name"]
+    raise BackendError(f"artifact {artifact.path} was built for backend {name!r}, which this version cannot run",
+                       "convert it again with --backend torch or --backend onnx")

@@ -99,9 +99,8 @@ class LiftedProgram(torch.nn.Module):
         self.gm = gm
         self.names = names
 
-    def forward(self, weights: dict[str, Tensor], input_ids: Tensor, position_ids: Tensor,
-                attention_mask: Tensor) -> Tensor:
-        return self.gm(*[weights[n] for n in self.names], input_ids, position_ids, attention_mask)
+    def forward(self, weights: dict[str, Tensor], *inputs: Tensor) -> Any:
+        return self.gm(*[weights[n] for n in self.names], *inputs)
 
 
 def lift_weights(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
@@ -124,17 +123,42 @@ def lift_weights(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     return fx.GraphModule(torch.nn.Module(), graph), names
 
 
-def export_program(gm: fx.GraphModule, weights: dict[str, Tensor], example: tuple[Tensor, ...]) -> Any:
+def export_program(gm: fx.GraphModule, weights: dict[str, Tensor], example: tuple[Tensor, ...],
+                   dynamic: tuple[Any, ...] | None = None) -> Any:
     """``torch.export`` the graph with weights as inputs and dynamic batch / sequence dims."""
     lifted, names = lift_weights(gm)
     module = LiftedProgram(lifted, names)
-    dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+    if dynamic is None:
+        dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+        dynamic = tuple(dyn for _ in example)
     w_shapes = {n: None for n in names}
     args = ({n: weights[n] for n in names}, *example)
     try:
-        return torch.export.export(module, args, dynamic_shapes=(w_shapes, dyn, dyn, dyn), strict=False)
+        ep = torch.export.export(module, args, dynamic_shapes=(w_shapes, tuple(dynamic)), strict=False)
     except Exception as e:  # report torch.export's first line; the cause stays chained
         raise BackendError(f"torch.export of the rewritten program failed: {str(e).strip().splitlines()[0][:300]}") from e
+    ep.example_inputs = None  # the example weights would otherwise be saved into the .pt2
+    return ep
+
+
+def export_step_programs(program: Program, directory: Path, weights: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """Write ``prefill.pt2`` and ``decode.pt2`` (weights lifted); returns the cache layout."""
+    from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
+    from .onnx_backend import decode_dynamic
+
+    pre, entries = prefill_graph(program)
+    dec, _ = decode_graph(program)
+    ids, pos, mask = program.example_inputs(batch=2, seq=8)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=65536)
+    ep = export_program(pre, weights, (ids, pos, mask), ({0: batch, 1: seq},) * 3)
+    torch.export.save(ep, str(directory / "prefill.pt2"))
+    with torch.no_grad():
+        cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
+    example = (ids[:, :3].contiguous(), pos[:, :3] + 8, torch.ones(ids.shape[0], 11, dtype=torch.int64), *cache)
+    ep = export_program(dec, weights, example, decode_dynamic(len(cache)))
+    torch.export.save(ep, str(directory / "decode.pt2"))
+    return layout_dict(entries)
 
 
 def write_artifact(program: Program, out: Path, backend: str = "torch", force: bool = False,
@@ -171,6 +195,10 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any) -> None:
     if program.tokenizer is not None:
         program.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     backend_info: dict[str, Any] = {"name": "torch", "program": "program.pt2"}
+    if backend == "torch" and program.info.task == "causal-lm":
+        _say(progress, "exporting prefill.pt2 and decode.pt2 (KV cache as inputs/outputs)")
+        backend_info.update(prefill="prefill.pt2", decode="decode.pt2",
+                            cache=export_step_programs(program, tmp, weights))
     if backend != "torch":
         from . import lower
         backend_info = lower(backend, program, tmp, progress)
@@ -188,11 +216,35 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any) -> None:
         "info": asdict(program.info),
         "inputs": list(INPUT_NAMES),
         "weights": {"file": "weights.safetensors", "aliases": aliases},
+        "decode_weight_bytes": decode_weight_bytes(program),
         "backend": backend_info,
     }
     manifest["files"] = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*"))
                          if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def decode_weight_bytes(program: Program) -> int:
+    """Bytes of weights a decode step reads: every weight a matmul-like op consumes, once (an embedding
+    table used only for lookups reads one row per token and is left out)."""
+    readers = {torch.ops.aten.linear.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default,
+               torch.ops.aten.addmm.default, torch.ops.aten.t.default, torch.ops.aten.permute.default,
+               torch.ops.aten.transpose.int}
+    seen: set[int] = set()
+    total = 0
+    for node in program.gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        t = get_tensor(program.gm, str(node.target))
+        if id(t) in seen:
+            continue
+        only_lookup = all(u.op == "call_function" and u.target is torch.ops.aten.embedding.default for u in node.users)
+        if only_lookup or not any(u.op == "call_function" and u.target in readers for u in node.users):
+            if t.dim() >= 2:
+                continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
 
 
 def _jsonable(obj: Any) -> Any:
@@ -233,8 +285,11 @@ class Artifact:
     def module(self) -> Any:
         if self._module is None:
             from .. import ops as _ops  # noqa: F401  (the program calls torch.ops.headsmith)
+            from ..passes import kv_cache as _kv  # noqa: F401  (registers headsmith.cache_point)
+            from ..runtime.engine import ordered_weights
             ep = torch.export.load(str(self.path / "program.pt2"))
             self._module = ep.module()
+            self.weights = ordered_weights(self._module, self.weights)
         return self._module
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None,

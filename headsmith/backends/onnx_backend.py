@@ -1,15 +1,13 @@
 """ONNX backend: export the prefill / decode graphs (or an encoder's forward) to ONNX for onnxruntime.
 
-``torch.onnx.export(..., dynamo=True)`` with a translation for ``headsmith.attention``:
+``torch.onnx.export(..., dynamo=True)`` (opset 20) with a translation for ``headsmith.attention`` into
+standard ONNX ops. GQA without copying K/V: ``q[B,Hq,T,D]`` is reshaped to ``[B,Hkv,n*T,D]`` so each KV
+head is read once; scores get the mask as an additive bias built from ``Range``/``Less``/``Where`` (causal,
+window, sinks, key padding), then ``Softmax`` and ``MatMul``. (The standard ``Attention`` op of opset 23
+was tried: onnxruntime 1.32's CPU kernel returned wrongly shaped outputs for 4-D inputs, see docs/onnx.md.)
 
-- ``plain`` (default): standard ONNX ops. GQA without copying K/V: ``q[B,Hq,T,D]`` is reshaped to
-  ``[B,Hkv,n*T,D]`` so each KV head is read once, scores get the mask as an additive bias built from
-  ``Range``/``Less``/``Where`` (causal, window, sinks, key padding), then ``Softmax`` and ``MatMul``;
-- ``attention23``: the standard ONNX ``Attention`` op (opset 23) with an explicit boolean mask.
-
-``benchmarks/onnx_attention_variants.py`` measures both (and onnxruntime's ``GroupQueryAttention``) on
-SmolLM2-135M; the default is the fastest measured. Dynamic dims: batch, new tokens, cached tokens. The
-prefill and decode models share one external weight file (``model.onnx.data``), so weights are stored once.
+Dynamic dims: ``batch``, ``new`` (tokens this step), ``past`` (cached tokens), ``total``. The decode model's
+weights point into the prefill model's external data file, so they are stored once.
 """
 
 from __future__ import annotations
@@ -88,39 +86,7 @@ def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool 
     return op.Reshape(out, op.Concat(b, hq, tq, dv, axis=0))
 
 
-def _attention23(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool = True, scale: float = 0.0,
-                 window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1) -> Any:
-    """``headsmith.attention`` as the standard ONNX ``Attention`` op (opset 23) with a boolean mask."""
-    from onnxscript import opset23 as op
-
-    del layer
-    zero = op.Constant(value_ints=[0])
-    one = op.Constant(value_ints=[1])
-    tq = op.Squeeze(op.Slice(op.Shape(q), op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), zero)
-    tk = op.Squeeze(op.Slice(op.Shape(k), op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), zero)
-    q_pos = op.Unsqueeze(op.Add(op.Range(op.Constant(value_int=0), tq, op.Constant(value_int=1)), op.Sub(tk, tq)), one)
-    k_pos = op.Unsqueeze(op.Range(op.Constant(value_int=0), tk, op.Constant(value_int=1)), zero)
-    allowed = op.Expand(op.Constant(value_ints=[1]), op.Constant(value_ints=[1, 1]))
-    allowed = op.Cast(allowed, to=9)
-    if causal:
-        allowed = op.And(allowed, op.LessOrEqual(k_pos, q_pos))
-    if window > 0:
-        in_window = op.Less(op.Sub(q_pos, k_pos), op.Constant(value_int=window))
-        if sinks > 0:
-            in_window = op.Or(in_window, op.Less(k_pos, op.Constant(value_int=sinks)))
-        allowed = op.And(allowed, in_window)
-    allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[0, 1]))  # [1,1,T,Tk]
-    if key_mask is not None:
-        allowed = op.And(allowed, op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2])))
-    kwargs: dict[str, Any] = {}
-    if scale > 0.0:
-        kwargs["scale"] = scale
-    if softcap > 0.0:
-        kwargs["softcap"] = softcap
-    return op.Attention(q, k, v, allowed, **kwargs)
-
-
-VARIANTS = {"plain": _plain_attention, "attention23": _attention23}
+VARIANTS = {"plain": _plain_attention}
 DEFAULT_VARIANT = "plain"
 
 
@@ -128,7 +94,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
                  input_names: list[str], output_names: list[str], variant: str = DEFAULT_VARIANT,
                  optimize: bool = False) -> None:
     """Export one graph to ``path`` (with its weights in ``path.name + '.data'``)."""
-    opset = 23 if variant == "attention23" else OPSET
+    opset = OPSET
     ep = _export(gm, example, dynamic)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -140,6 +106,34 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
             raise BackendError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}") from e
     assert onnx_program is not None
     onnx_program.save(str(path), external_data=True)
+    name_dims(path, dynamic, input_names)
+
+
+def name_dims(path: Path, dynamic: tuple[Any, ...], input_names: list[str]) -> None:
+    """Give the dynamic dims of the saved model the names of their ``Dim`` (``batch``, ``past``, ...)."""
+    import re
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    rename: dict[str, str] = {}
+    inputs = {i.name: i for i in model.graph.input}
+    for name, spec in zip(input_names, dynamic):
+        value = inputs.get(name)
+        if value is None or not spec:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in spec.items():
+            if axis < len(dims) and dims[axis].dim_param:
+                rename[dims[axis].dim_param] = getattr(dim, "__name__", str(dim))
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(rename, key=len, reverse=True)) + r")\b")
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: rename[m.group(1)], dim.dim_param)
+    onnx.save(model, str(path))
 
 
 def _export(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple[Any, ...]) -> Any:

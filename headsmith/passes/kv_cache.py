@@ -151,11 +151,41 @@ def _finish(gm: fx.GraphModule, outputs: list[fx.Node]) -> fx.GraphModule:
     return gm
 
 
-def prefill_graph(program: Program) -> tuple[fx.GraphModule, list[CacheEntry]]:
-    """``(ids, pos, mask) -> (logits, *cache)`` (see the module docstring)."""
+def prefill_graph(program: Program, last_only: bool = True) -> tuple[fx.GraphModule, list[CacheEntry]]:
+    """``(ids, pos, mask) -> (logits, *cache)`` (see the module docstring).
+
+    With ``last_only`` the LM head runs on the last position only (logits ``[B,1,V]``), as generation
+    needs; a whole-sequence forward is the decode graph with an empty past.
+    """
     gm, _, shapes = _prepare(program)
     points = _points(gm, shapes)
+    if last_only:
+        _lm_head_last_position(gm, program.info.vocab_size)
     return _finish(gm, [p.node for p in points]), [p.entry for p in points]
+
+
+def _lm_head_last_position(gm: fx.GraphModule, vocab: int) -> None:
+    """Insert ``h[:, -1:]`` in front of the last linear that produces the logits."""
+    graph = gm.graph
+    logits = graph.output_node().args[0]
+    lm_head = None
+    feeding = _ancestors_of(logits)
+    for node in reversed(list(graph.nodes)):
+        if is_call(node, aten.linear.default) and node in feeding:
+            lm_head = node
+            break
+    if lm_head is None:
+        raise BackendError("cannot find the LM head (the last linear before the logits)")
+    hidden = lm_head.args[0]
+    with graph.inserting_before(lm_head):
+        last = graph.call_function(aten.slice.Tensor, (hidden, 1, -1, 9223372036854775807))
+    lm_head.replace_input_with(hidden, last)  # type: ignore[arg-type]
+    del vocab
+
+
+def _ancestors_of(node: object) -> set[fx.Node]:
+    from ..fxutil import ancestors
+    return ancestors([node]) if isinstance(node, fx.Node) else set()
 
 
 def decode_graph(program: Program) -> tuple[fx.GraphModule, list[CacheEntry]]:

@@ -1,0 +1,148 @@
+"""``bench``: prefill and decode speed per context length, against HF transformers in the same process.
+
+For each context length C: a prompt of C real tokens (the bundled evaluation text), one prefill (timed),
+two untimed decode steps, then ``new_tokens`` timed greedy decode steps of one token. The source model runs
+through HF ``generate()``: prefill is timed as ``generate(max_new_tokens=1)`` and decode as the difference
+to ``generate(max_new_tokens=1+N)`` (``min_new_tokens`` forces the length). Decoding is memory-bound, so
+the report also gives the machine's measured read bandwidth, the bound it sets
+(bandwidth / bytes read per decoded token: the weights a step reads plus the K/V of C tokens) and the
+fraction of it each engine reaches.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..eval.data import EVAL_TEXT, tokenize
+from .engine import Engine
+
+
+def measure_bandwidth(megabytes: int = 1024, repeats: int = 7) -> float:
+    """Best-of-N read bandwidth in GB/s (a ``sum`` over a buffer much larger than the caches)."""
+    x = torch.ones(megabytes * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_tokens(tokenizer: Any, length: int, vocab: int) -> torch.Tensor:
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab, (1, length), generator=g)
+    ids = tokenize(tokenizer, EVAL_TEXT.read_text())
+    reps = -(-length // ids.numel())
+    return ids.repeat(reps)[:length].unsqueeze(0)
+
+
+@dataclass
+class Timing:
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+def time_engine(engine: Engine, ids: torch.Tensor, new_tokens: int) -> Timing:
+    b, c = ids.shape
+    mask = torch.ones_like(ids)
+    pos = torch.arange(c).unsqueeze(0).expand(b, c).contiguous()
+    start = time.perf_counter()
+    logits, cache = engine.prefill(ids, mask, pos)
+    prefill = time.perf_counter() - start
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    t = c
+
+    def step(token: torch.Tensor, cache: Any, t: int) -> tuple[torch.Tensor, Any]:
+        m = torch.ones(b, t + 1, dtype=torch.int64)
+        out, cache = engine.decode(token, m, torch.full((b, 1), t, dtype=torch.int64), cache)
+        return out[:, -1].argmax(-1, keepdim=True), cache
+
+    for _ in range(2):  # warm-up steps (first-run allocations), not timed
+        token, cache = step(token, cache, t)
+        t += 1
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token, cache = step(token, cache, t)
+        t += 1
+    decode = time.perf_counter() - start
+    return Timing(c * b / prefill, new_tokens * b / decode)
+
+
+def time_hf(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> Timing:
+    mask = torch.ones_like(ids)
+    kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)  # type: ignore[attr-defined]
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1 + new_tokens, min_new_tokens=1 + new_tokens,  # type: ignore[attr-defined]
+                       **kwargs)
+        many = time.perf_counter() - start
+    return Timing(ids.numel() / one, new_tokens * ids.shape[0] / max(many - one, 1e-9))
+
+
+def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: int, weight_bytes: int,
+              kv_bytes_per_token: int, hf_model: torch.nn.Module | None = None,
+              progress: Any = None) -> dict[str, Any]:
+    bandwidth = measure_bandwidth()
+    rows = []
+    warm = prompt_tokens(tokenizer, 16, engine.info.vocab_size)
+    time_engine(engine, warm, 2)
+    for c in contexts:
+        if progress is not None:
+            progress(f"{engine.name}: context {c}")
+        ids = prompt_tokens(tokenizer, c, engine.info.vocab_size)
+        timing = time_engine(engine, ids, new_tokens)
+        bytes_per_token = weight_bytes + kv_bytes_per_token * (c + new_tokens // 2)
+        bound = bandwidth * 1e9 / bytes_per_token
+        rows.append({"context": c, "prefill_tok_s": timing.prefill_tok_s, "decode_tok_s": timing.decode_tok_s,
+                     "bytes_per_token": bytes_per_token, "bound_tok_s": bound,
+                     "fraction_of_bound": timing.decode_tok_s / bound})
+    engine_rss = peak_rss_mb()
+    if hf_model is not None:
+        time_hf(hf_model, warm, 2)
+        for row in rows:
+            if progress is not None:
+                progress(f"HF transformers: context {row['context']}")
+            ids = prompt_tokens(tokenizer, row["context"], engine.info.vocab_size)
+            hf = time_hf(hf_model, ids, new_tokens)
+            row.update(hf_prefill_tok_s=hf.prefill_tok_s, hf_decode_tok_s=hf.decode_tok_s,
+                       ratio_vs_hf=row["decode_tok_s"] / hf.decode_tok_s,
+                       hf_fraction_of_bound=hf.decode_tok_s / row["bound_tok_s"])
+    return {"backend": engine.name, "contexts": rows, "new_tokens": new_tokens, "bandwidth_gb_s": bandwidth,
+            "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token,
+            "peak_rss_mb": engine_rss, "peak_rss_with_hf_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["contexts"]
+    xs = [r["context"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r["decode_tok_s"] for r in rows], "o-", label=f"headsmith ({result['backend']})")
+    if rows and "hf_decode_tok_s" in rows[0]:
+        ax.plot(xs, [r["hf_decode_tok_s"] for r in rows], "s-", label="HF transformers generate()")
+    ax.plot(xs, [r["bound_tok_s"] for r in rows], "k--", label="bandwidth bound")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"decode speed, {result['bandwidth_gb_s']:.1f} GB/s measured")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

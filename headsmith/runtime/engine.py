@@ -1,0 +1,215 @@
+"""Engines: the same ``prefill`` / ``decode`` / ``forward`` calls on every backend.
+
+Letters: B batch, T new tokens, P cached tokens, V vocab.
+
+- ``prefill(ids[B,T], mask[B,T], pos[B,T]) -> (logits[B,1,V], cache)``: logits of the last position;
+- ``decode(ids[B,T], mask[B,P+T], pos[B,T], cache) -> (logits[B,T,V], cache)``: the cache grows by T;
+- ``forward(ids, mask, pos) -> logits[B,T,V]`` (or hidden states for encoders), no cache (evaluation).
+
+Inputs are int64 torch tensors, outputs float32 torch tensors. ``TorchEngine`` runs the prefill/decode FX
+graphs (from a Program in memory or the ``.pt2`` files of an artifact); ``OrtEngine`` runs the ONNX files
+with onnxruntime (CUDA when present, else CPU), binding inputs and outputs to the preallocated
+:class:`~headsmith.runtime.kv_cache.KVCache` buffers so a decode step allocates nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import BackendError
+from ..program import ModelInfo, ModelSpec, Program
+from .kv_cache import CacheSpec, KVCache
+
+
+class Engine(Protocol):
+    name: str
+    info: ModelInfo
+    spec: ModelSpec
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]: ...
+
+    def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+               cache: Any) -> tuple[Tensor, Any]: ...
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor: ...
+
+
+@dataclass
+class TorchCache:
+    """The torch engine's cache: the present tensors of the last step."""
+
+    tensors: list[Tensor]
+    seq_dims: list[int]
+
+    @property
+    def length(self) -> int:
+        return int(self.tensors[0].shape[self.seq_dims[0]]) if self.tensors else 0
+
+    def truncate(self, length: int) -> None:
+        self.tensors = [t.narrow(d, 0, length).contiguous() for t, d in zip(self.tensors, self.seq_dims)]
+
+
+@dataclass
+class TorchEngine:
+    """Runs prefill/decode graphs with torch (eager FX, or the artifact's exported programs)."""
+
+    info: ModelInfo
+    spec: ModelSpec
+    prefill_fn: Any
+    decode_fn: Any
+    forward_fn: Any
+    seq_dims: list[int]
+    name: str = "torch"
+
+    @staticmethod
+    def from_program(program: Program) -> TorchEngine:
+        spec = program.spec()
+        if program.info.task != "causal-lm":
+            return TorchEngine(program.info, spec, None, None, program.gm, [])
+        from ..passes.kv_cache import decode_graph, prefill_graph
+        pre, entries = prefill_graph(program)
+        dec, _ = decode_graph(program)
+        return TorchEngine(program.info, spec, pre, dec, program.gm, [e.seq_dim for e in entries])
+
+    @staticmethod
+    def from_artifact(artifact: Any) -> TorchEngine:
+        from .. import ops as _ops  # noqa: F401
+        from ..passes import kv_cache as _kv  # noqa: F401  (registers headsmith.cache_point)
+        weights = artifact.weights
+        backend = artifact.manifest["backend"]
+
+        def load(name: str) -> Any:
+            module = torch.export.load(str(artifact.path / name)).module()
+            ordered = ordered_weights(module, weights)
+            return lambda *args: module(ordered, *args)
+
+        forward = load(backend["program"])
+        if artifact.info.task != "causal-lm":
+            return TorchEngine(artifact.info, artifact.spec, None, None, forward, [])
+        cache = backend.get("cache", [])
+        return TorchEngine(artifact.info, artifact.spec, load(backend["prefill"]), load(backend["decode"]), forward,
+                           [int(e["seq_dim"]) for e in cache])
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        with torch.no_grad():
+            out = self.prefill_fn(input_ids, position_ids, attention_mask)
+        return out[0], TorchCache(list(out[1:]), self.seq_dims)
+
+    def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+               cache: TorchCache) -> tuple[Tensor, Any]:
+        with torch.no_grad():
+            out = self.decode_fn(input_ids, position_ids, attention_mask, *cache.tensors)
+        cache.tensors = list(out[1:])
+        return out[0], cache
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.forward_fn(input_ids, position_ids, attention_mask)
+
+
+@dataclass
+class OrtEngine:
+    """Runs ``prefill.onnx`` / ``decode.onnx`` (or ``model.onnx``) with onnxruntime and IO binding."""
+
+    info: ModelInfo
+    spec: ModelSpec
+    directory: Path
+    backend: dict[str, Any]
+    threads: int | None = None
+    name: str = "onnx"
+    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def cache_specs(self) -> list[CacheSpec]:
+        return CacheSpec.from_manifest(self.backend.get("cache", []))
+
+    def session(self, key: str) -> Any:
+        if key not in self._sessions:
+            from ..backends.onnx_backend import ort_session
+            path = self.directory / self.backend[key]
+            if not path.exists():
+                raise BackendError(f"ONNX file {path} is missing", "re-run `headsmith convert --backend onnx`")
+            self._sessions[key] = ort_session(path, self.threads)
+        return self._sessions[key]
+
+    @property
+    def providers(self) -> list[str]:
+        key = "forward" if "forward" in self.backend else "decode"
+        return list(self.session(key).get_providers())
+
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
+        return KVCache(self.cache_specs, batch, capacity)
+
+    def _run(self, key: str, feeds: dict[str, np.ndarray], outputs: list[tuple[str, np.ndarray]]) -> None:
+        sess = self.session(key)
+        io = sess.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, buf in outputs:
+            io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        sess.run_with_iobinding(io)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        b, t = input_ids.shape
+        cache = self.new_cache(b, capacity=max(256, 2 * t))
+        logits = np.empty((b, 1, self.info.vocab_size), dtype=np.float32)
+        presents = cache.present_views(t)
+        names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
+        self._run("prefill", _feeds(input_ids, position_ids, attention_mask),
+                  [("logits", logits), *zip(names, presents)])
+        cache.commit(t)
+        return torch.from_numpy(logits), cache
+
+    def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+               cache: KVCache) -> tuple[Tensor, Any]:
+        b, t = input_ids.shape
+        feeds = _feeds(input_ids, position_ids, attention_mask)
+        for spec, past in zip(cache.specs, cache.past()):
+            feeds[f"past_{spec.name.replace('.', '_')}"] = past
+        logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
+        presents = cache.present_views(t)
+        names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
+        self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
+        cache.commit(t)
+        return torch.from_numpy(logits), cache
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        if "forward" in self.backend:
+            out = self.session("forward").run(None, {k: v for k, v in _feeds(input_ids, position_ids,
+                                                                             attention_mask).items()})
+            return torch.from_numpy(out[0])
+        logits, _ = self.decode(input_ids, attention_mask, position_ids, self.new_cache(input_ids.shape[0], 1))
+        return logits
+
+
+def ordered_weights(module: Any, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights dict in the key order the exported program was traced with (its input check is ordered)."""
+    keys = module._in_spec.child(0).child(0).context
+    return {k: weights[k] for k in keys}
+
+
+def _feeds(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> dict[str, np.ndarray]:
+    return {"input_ids": input_ids.to(torch.int64).numpy(), "position_ids": position_ids.to(torch.int64).numpy(),
+            "attention_mask": attention_mask.to(torch.int64).numpy()}
+
+
+def engine_for(artifact: Any, threads: int | None = None) -> Engine:
+    """The engine that runs ``artifact`` (by its manifest's backend)."""
+    backend = artifact.manifest["backend"]
+    name = backend["name"]
+    if name == "torch":
+        return TorchEngine.from_artifact(artifact)
+    if name == "onnx":
+        engine = OrtEngine(artifact.info, artifact.spec, artifact.path, backend, threads)
+        for key in ("prefill", "decode", "forward"):
+            if key in backend:
+                engine.session(key)  # load now, so timings never include session creation
+        return engine
+    from ..backends import engine_for_backend
+    return engine_for_backend(artifact, threads)

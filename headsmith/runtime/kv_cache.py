@@ -1,0 +1,101 @@
+"""The KV-cache manager: preallocated buffers the engines read their past from and write their present to.
+
+Each cache entry (per layer: K and V, or an MLA latent) owns two flat buffers with room for ``capacity``
+tokens. A decode step reads the past as a contiguous ``[B, H, P, D]`` view of one buffer and writes the
+present ``[B, H, P+T, D]`` into the other (onnxruntime binds both with IO binding, so nothing is allocated
+per step); then the roles swap. Growing past the capacity reallocates at twice the size (a copy, amortised);
+``truncate`` drops the last tokens (speculative decoding's rollback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class CacheSpec:
+    name: str
+    shape: tuple[int, ...]
+    """``-1`` for batch (dim 0) and sequence (``seq_dim``)."""
+    seq_dim: int
+
+    @staticmethod
+    def from_manifest(entries: list[dict[str, Any]]) -> list[CacheSpec]:
+        return [CacheSpec(e["name"], tuple(e["shape"]), int(e["seq_dim"])) for e in entries]
+
+
+@dataclass
+class KVCache:
+    """Ping-pong preallocated buffers for every cache entry (see the module docstring)."""
+
+    specs: list[CacheSpec]
+    batch: int
+    capacity: int = 256
+    dtype: Any = np.float32
+    length: int = 0
+    _buffers: list[list[np.ndarray]] = field(default_factory=list, repr=False)
+    _current: int = 0
+
+    def __post_init__(self) -> None:
+        self._allocate(self.capacity)
+
+    def _shape(self, spec: CacheSpec, tokens: int) -> tuple[int, ...]:
+        return tuple(self.batch if i == 0 else tokens if i == spec.seq_dim else d for i, d in enumerate(spec.shape))
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._buffers = [[np.empty(int(np.prod(self._shape(s, capacity))), dtype=self.dtype) for _ in range(2)]
+                         for s in self.specs]
+
+    def _view(self, i: int, which: int, tokens: int) -> np.ndarray:
+        shape = self._shape(self.specs[i], tokens)
+        return self._buffers[i][which][: int(np.prod(shape))].reshape(shape)
+
+    def past(self) -> list[np.ndarray]:
+        """The current cache: contiguous views ``[B, H, length, D]``."""
+        return [self._view(i, self._current, self.length) for i in range(len(self.specs))]
+
+    def present_views(self, new_tokens: int) -> list[np.ndarray]:
+        """Where a step writes ``length + new_tokens`` tokens of present cache (grows if needed)."""
+        need = self.length + new_tokens
+        if need > self.capacity:
+            self._grow(max(need, 2 * self.capacity))
+        return [self._view(i, 1 - self._current, need) for i in range(len(self.specs))]
+
+    def commit(self, new_tokens: int) -> None:
+        """The step wrote its present into ``present_views``: make it the past."""
+        self.length += new_tokens
+        self._current = 1 - self._current
+
+    def store(self, presents: list[np.ndarray]) -> None:
+        """Copy presents produced elsewhere (an engine without IO binding) into the buffers."""
+        new = presents[0].shape[self.specs[0].seq_dim] - self.length
+        for view, value in zip(self.present_views(new), presents):
+            np.copyto(view, value)
+        self.commit(new)
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens (a copy into the other buffer, then swap)."""
+        if length >= self.length:
+            return
+        for i, spec in enumerate(self.specs):
+            src = self._view(i, self._current, self.length)
+            index = [slice(None)] * src.ndim
+            index[spec.seq_dim] = slice(0, length)
+            np.copyto(self._view(i, 1 - self._current, length), src[tuple(index)])
+        self.length = length
+        self._current = 1 - self._current
+
+    def _grow(self, capacity: int) -> None:
+        old = self.past()
+        old_current = self._current
+        self._allocate(capacity)
+        self._current = old_current
+        for i, value in enumerate(old):
+            np.copyto(self._view(i, self._current, self.length), value)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for pair in self._buffers for b in pair)
