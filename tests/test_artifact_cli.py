@@ -31,13 +31,14 @@ def test_convert_writes_an_artifact_that_runs(arch: str, tmp_out: Path) -> None:
     program = tiny_program(arch)
     headsmith.convert(program, tmp_out, passes="dce")
     files = sorted(p.name for p in tmp_out.iterdir())
-    assert files == ["manifest.json", "program.pt2", "weights.safetensors"]
+    steps = [] if arch == "bert" else ["decode.pt2", "prefill.pt2"]
+    assert files == sorted(["manifest.json", "program.pt2", "tokenizer", "weights.safetensors", *steps])
     manifest = json.loads((tmp_out / "manifest.json").read_text())
     assert manifest["format_version"] == 1
     assert manifest["passes"][-1] == "dce"
     assert manifest["source"]["sha256"] == program.source.sha256
     assert manifest["model"]["n_layers"] == 2
-    assert set(manifest["files"]) == {"program.pt2", "weights.safetensors"}
+    assert {"program.pt2", "weights.safetensors", "tokenizer/tokenizer.json", *steps} <= set(manifest["files"])
     art = headsmith.load_artifact(tmp_out)
     ids, pos, mask = program.example_inputs(2, 13, pad=3)
     assert float((art(ids, mask, pos) - program(ids, mask, pos))[mask.bool()].abs().max()) <= 1e-5

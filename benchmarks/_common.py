@@ -1,0 +1,44 @@
+"""Shared helpers for the benchmark scripts: build (or reuse) an artifact, print markdown tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import headsmith
+
+OUT = Path(__file__).resolve().parent.parent / "out"
+
+
+def artifact(model: str, backend: str, passes: str = "", name: str | None = None, rebuild: bool = False) -> Path:
+    """Convert ``model`` once into ``out/<name>`` and reuse it afterwards (the manifest records what it is)."""
+    path = OUT / (name or f"{model}-{backend}")
+    manifest = path / "manifest.json"
+    if manifest.exists() and not rebuild:
+        recorded = json.loads(manifest.read_text())
+        if recorded["backend"]["name"] == backend and ", ".join(recorded["passes"]) == passes.strip():
+            return path
+    headsmith.convert(model, path, passes=passes, backend=backend, force=True)
+    return path
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table: ``columns`` are (key, header, format)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else format(v, fmt) if fmt else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import os
+    import platform
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
