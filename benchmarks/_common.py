@@ -13,15 +13,17 @@ import headsmith
 OUT = Path(__file__).resolve().parent.parent / "out"
 
 
-def artifact(model: str, backend: str, passes: str = "", name: str | None = None, rebuild: bool = False) -> Path:
+def artifact(model: str, backend: str, passes: str = "", name: str | None = None, rebuild: bool = False,
+             options: dict[str, Any] | None = None) -> Path:
     """Convert ``model`` once into ``out/<name>`` and reuse it afterwards (the manifest records what it is)."""
     path = OUT / (name or f"{model}-{backend}")
     manifest = path / "manifest.json"
     if manifest.exists() and not rebuild:
         recorded = json.loads(manifest.read_text())
-        if recorded["backend"]["name"] == backend and ", ".join(recorded["passes"]) == passes.strip():
+        if (recorded["backend"]["name"] == backend and ", ".join(recorded["passes"]) == passes.strip()
+                and all(recorded["backend"].get(k) == v for k, v in (options or {}).items())):
             return path
-    headsmith.convert(model, path, passes=passes, backend=backend, force=True)
+    headsmith.convert(model, path, passes=passes, backend=backend, force=True, options=options)
     return path
 
 

@@ -38,7 +38,8 @@ def load(model: str | Path, *, raise_attention: bool = True, allow_pickle: bool 
 
 
 def convert(model: str | Path | Program, output: str | Path, *, passes: str = "", backend: str = "torch",
-            force: bool = False, ctx: PassContext | None = None, allow_pickle: bool = False) -> Path:
+            force: bool = False, ctx: PassContext | None = None, allow_pickle: bool = False,
+            options: dict[str, object] | None = None) -> Path:
     """Load (unless given a Program), apply ``passes`` and write an artifact directory to ``output``."""
     from .backends.artifact import write_artifact, check_output_path
 
@@ -46,7 +47,7 @@ def convert(model: str | Path | Program, output: str | Path, *, passes: str = ""
     program = model if isinstance(model, Program) else load(model, allow_pickle=allow_pickle, ctx=ctx)
     if passes.strip():
         program = program.apply(passes, ctx)
-    return write_artifact(program, out, backend=backend, force=force)
+    return write_artifact(program, out, backend=backend, force=force, options=options)
 
 
 def load_artifact(path: str | Path):  # noqa: ANN201  (returns backends.artifact.Artifact)

@@ -140,6 +140,9 @@ def convert(
     dump: Annotated[Path | None, typer.Option("--dump", help="Write graphs before/after each pass here.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for calibration and checks.")] = 0,
     text: Annotated[Path | None, typer.Option("--calibration-text", help="Calibration text file.")] = None,
+    onnx_attention: Annotated[str | None, typer.Option(
+        "--onnx-attention", help="ONNX attention lowering: plain (standard ops, default) or gqa (onnxruntime's "
+        "GroupQueryAttention contrib op).")] = None,
 ) -> None:
     """Load MODEL, apply the passes and write an artifact directory for BACKEND."""
     import headsmith
@@ -150,6 +153,14 @@ def convert(
     pass_list = parse_passes(pass_spec)  # fail fast on a bad spec, before loading anything
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    options: dict[str, Any] = {}
+    if onnx_attention is not None:
+        if backend != "onnx":
+            raise HeadsmithError("--onnx-attention applies to --backend onnx only")
+        from .backends.onnx_backend import VARIANTS
+        if onnx_attention not in VARIANTS:
+            raise HeadsmithError(f"unknown --onnx-attention {onnx_attention!r}", f"choose one of {', '.join(VARIANTS)}")
+        options["attention"] = onnx_attention
     check_output_path(output, model, force)
     ctx = PassContext(seed=seed, verify=verify, dump_dir=dump, calibration_text=text, progress=_progress(False))
     with status(f"loading, capturing and raising {model}"):
@@ -158,7 +169,7 @@ def convert(
         with status(f"applying {pass_spec}"):
             program = program.apply(pass_list, ctx)
     with status(f"writing the {backend} artifact to {output}"):
-        write_artifact(program, output, backend=backend, force=force, progress=_progress(False))
+        write_artifact(program, output, backend=backend, force=force, progress=_progress(False), options=options)
     _print_reports(program.reports)
     size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     out.print(f"wrote {output} ({size / 1e6:.1f} MB)", highlight=False)

@@ -129,3 +129,25 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, ca
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("headsmith::attention_kv", mutates_args=())
+def attention_kv(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+                 key_mask: Tensor | None, causal: bool, scale: float, window: int, sinks: int, softcap: float,
+                 layer: int, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``attention`` over ``cat([past, new])`` that also returns the presents (a lowering form for KV-cache
+    kernels such as onnxruntime's GroupQueryAttention): ``(out, present_k, present_v)``."""
+    k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
+    v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+    out = attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer)
+    return out, k_all.clone(), v_all.clone()
+
+
+@attention_kv.register_fake
+def _attention_kv_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+                       key_mask: Tensor | None, causal: bool, scale: float, window: int, sinks: int, softcap: float,
+                       layer: int, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
+    v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    return out, torch.empty_like(k_all), torch.empty_like(v_all)

@@ -26,9 +26,10 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 
 
 @functools.cache
-def artifact(arch: str, backend: str) -> Path:
-    out = _ROOT / f"artifact-{arch}-{backend}"
-    headsmith.convert(tiny_program(arch), out, backend=backend)
+def artifact(arch: str, backend: str, attention: str | None = None) -> Path:
+    out = _ROOT / f"artifact-{arch}-{backend}-{attention}"
+    options = {"attention": attention} if attention else None
+    headsmith.convert(tiny_program(arch), out, backend=backend, options=options)
     return out
 
 
@@ -122,6 +123,25 @@ def test_greedy_equals_hf_from_artifact(arch: str, backend: str) -> None:
     assert result.tokens == reference
     if arch != "gemma3":
         assert len(set(reference[0])) > 5  # the tiny model's output is not degenerate
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_onnx_gqa_lowering_matches(arch: str) -> None:
+    """onnxruntime's GroupQueryAttention (sliding window and left padding included) gives the same greedy tokens;
+    batch > 1 with several new tokens (which the kernel refuses) runs token by token."""
+    path = artifact(arch, "onnx", "gqa")
+    decode = onnx.load(str(path / "decode.onnx"), load_external_data=False)
+    assert sum(n.op_type == "GroupQueryAttention" for n in decode.graph.node) == 2
+    engine = engine_for(read_artifact(path))
+    result = generate(engine, PROMPTS, GenerationConfig(max_new_tokens=64, stop_tokens=()))
+    assert result.tokens == hf_greedy(arch)
+    program = tiny_program(arch)
+    ids, pos, mask = program.example_inputs(2, 20, seed=5, pad=3)
+    _, cache = engine.prefill(ids[:, :12], mask[:, :12], pos[:, :12])
+    logits, cache = engine.decode(ids[:, 12:], mask, pos[:, 12:], cache)
+    full = program(ids, mask, pos)[:, 12:]
+    assert float((logits - full)[mask[:, 12:].bool()].abs().max()) <= 1e-4
+    assert cache.length == 20
 
 
 def test_onnx_artifact_files_checker_and_shared_weights() -> None:

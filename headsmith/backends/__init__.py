@@ -14,12 +14,21 @@ from ..errors import BackendError
 from ..program import Program
 
 
-def lower(name: str, program: Program, directory: Path, progress: Any = None) -> dict[str, Any]:
+def lower(name: str, program: Program, directory: Path, progress: Any = None,
+          options: dict[str, Any] | None = None) -> dict[str, Any]:
+    options = dict(options or {})
     if name == "onnx":
-        from .onnx_backend import lower_onnx
-        return lower_onnx(program, directory, progress)
+        from .onnx_backend import DEFAULT_VARIANT, lower_onnx
+        attention = options.pop("attention", DEFAULT_VARIANT)
+        _no_more(name, options)
+        return lower_onnx(program, directory, progress, variant=attention)
     raise BackendError(f"backend {name!r} is not available in this version of headsmith",
                        "use --backend torch or --backend onnx")
+
+
+def _no_more(name: str, options: dict[str, Any]) -> None:
+    if options:
+        raise BackendError(f"backend {name!r} has no option(s) {', '.join(sorted(options))}")
 
 
 def engine_for_backend(artifact: Any, threads: int | None = None) -> Any:

@@ -162,7 +162,7 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
 
 
 def write_artifact(program: Program, out: Path, backend: str = "torch", force: bool = False,
-                   progress: Any = None) -> Path:
+                   progress: Any = None, options: dict[str, Any] | None = None) -> Path:
     """Write ``program`` as an artifact directory (atomically); returns ``out``."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
@@ -170,7 +170,7 @@ def write_artifact(program: Program, out: Path, backend: str = "torch", force: b
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _fill(program, tmp, backend, progress)
+        _fill(program, tmp, backend, progress, options)
         _swap_into_place(tmp, out)
     finally:
         if tmp.exists():
@@ -183,7 +183,7 @@ def _say(progress: Any, text: str) -> None:
         progress(text)
 
 
-def _fill(program: Program, tmp: Path, backend: str, progress: Any) -> None:
+def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dict[str, Any] | None) -> None:
     weights = graph_weights(program.gm)
     unique, aliases = split_aliases(weights)
     _say(progress, "writing weights.safetensors")
@@ -201,7 +201,7 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any) -> None:
                             cache=export_step_programs(program, tmp, weights))
     if backend != "torch":
         from . import lower
-        backend_info = lower(backend, program, tmp, progress)
+        backend_info = lower(backend, program, tmp, progress, options)
     spec = program.spec()
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -333,7 +333,8 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
                                 "re-run `headsmith convert`")
 
 
-def read_artifact(path: Path, verify: bool = True) -> Artifact:
+def read_artifact(path: Path | str, verify: bool = True) -> Artifact:
+    path = Path(path)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)

@@ -12,6 +12,7 @@ weights point into the prefill model's external data file, so they are stored on
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -86,7 +87,166 @@ def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool 
     return op.Reshape(out, op.Concat(b, hq, tq, dv, axis=0))
 
 
-VARIANTS = {"plain": _plain_attention}
+def _concat_or(past: Any, new: Any) -> Any:
+    from onnxscript import opset20 as op
+    return new if past is None else op.Concat(past, new, axis=2)
+
+
+def _plain_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, key_mask: Any = None,
+                        causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
+                        softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+    """``headsmith.attention_kv`` as ``Concat`` + the plain attention."""
+    k_all, v_all = _concat_or(past_k, k), _concat_or(past_v, v)
+    out = _plain_attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer)
+    return out, k_all, v_all
+
+
+_GQA_OPSET: Any = None
+
+
+def gqa_opset() -> Any:
+    """An onnxscript opset for ``com.microsoft`` v1 with ``GroupQueryAttention``'s schema registered.
+
+    onnx itself knows no onnxruntime contrib ops; the schema (inputs as in onnxruntime's ContribOperators.md)
+    is registered once per process so the exporter can build the node and the checker can validate it.
+    """
+    global _GQA_OPSET
+    if _GQA_OPSET is not None:
+        return _GQA_OPSET
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    try:
+        onnx.defs.get_schema("GroupQueryAttention", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        attr = OpSchema.Attribute
+        schema = OpSchema(
+            "GroupQueryAttention", "com.microsoft", 1,
+            "onnxruntime contrib op: grouped-query attention with KV cache (see onnxruntime ContribOperators.md)",
+            inputs=[fp("query", "T"), fp("key", "T", param_option=opt), fp("value", "T", param_option=opt),
+                    fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
+                    fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
+                    fp("cos_cache", "T", param_option=opt), fp("sin_cache", "T", param_option=opt),
+                    fp("position_ids", "P", param_option=opt), fp("attention_bias", "T", param_option=opt)],
+            outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types"),
+                              ("M", ["tensor(int32)"], "lengths"), ("P", ["tensor(int64)"], "positions")],
+            attributes=[attr("num_heads", OpSchema.AttrType.INT, "query heads"),
+                        attr("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
+                        attr("scale", OpSchema.AttrType.FLOAT, "softmax scale", required=False),
+                        attr("softcap", OpSchema.AttrType.FLOAT, "score softcap", required=False),
+                        attr("local_window_size", OpSchema.AttrType.INT, "sliding window (-1: none)", required=False),
+                        attr("do_rotary", OpSchema.AttrType.INT, "apply rotary inside", required=False),
+                        attr("rotary_interleaved", OpSchema.AttrType.INT, "interleaved rotary", required=False),
+                        attr("smooth_softmax", OpSchema.AttrType.INT, "smooth softmax", required=False)])
+        onnx.defs.register_schema(schema)
+    _GQA_OPSET = onnxscript.values.Opset("com.microsoft", 1)
+    return _GQA_OPSET
+
+
+def _gqa_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, key_mask: Any = None,
+                      causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
+                      softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+    """``headsmith.attention_kv`` as onnxruntime's fused ``com.microsoft.GroupQueryAttention``.
+
+    GQA is always causal, takes ``[B,T,H*D]`` inputs and appends the new K/V to the past itself. Left padding
+    becomes an additive ``attention_bias[B,1,1,P+T]``; ``seqlens_k`` is ``P+T-1`` for every row. Layers GQA
+    cannot express (bidirectional, attention sinks, different K/V head dims) use the plain translation.
+    """
+    from onnxscript import opset20 as op
+
+    if not causal or sinks > 0 or n_heads <= 0 or n_kv_heads <= 0:
+        return _plain_attention_kv(q, k, v, past_k, past_v, key_mask, causal, scale, window, sinks, softcap, layer,
+                                   n_heads, n_kv_heads)
+    msft = gqa_opset()
+    flat = op.Constant(value_ints=[0, 0, -1])
+    q3 = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), flat)
+    k3 = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), flat)
+    v3 = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), flat)
+    batch = op.Shape(q, start=0, end=1)
+    if key_mask is not None:
+        total = op.Shape(key_mask, start=1, end=2)
+    else:
+        kv_len = op.Shape(k, start=2, end=3)
+        total = kv_len if past_k is None else op.Add(op.Shape(past_k, start=2, end=3), kv_len)
+    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
+    total32 = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
+    bias = None
+    if key_mask is not None:
+        keys = op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2]))
+        bias = op.Where(keys, op.CastLike(op.Constant(value_float=0.0), q), op.CastLike(op.Constant(value_float=NEG), q))
+        new = op.Shape(q, start=2, end=3)  # GQA wants the bias as [B, 1, T, P+T]
+        bias = op.Expand(bias, op.Concat(batch, op.Constant(value_ints=[1]), new, total, axis=0))
+    attrs: dict[str, Any] = {"num_heads": n_heads, "kv_num_heads": n_kv_heads,
+                             "local_window_size": window if window > 0 else -1}
+    if scale > 0.0:
+        attrs["scale"] = scale
+    if softcap > 0.0:
+        attrs["softcap"] = softcap
+    out, present_k, present_v = msft.GroupQueryAttention(q3, k3, v3, past_k, past_v, seqlens, total32, None, None,
+                                                         None, bias, _outputs=3, **attrs)
+    out4 = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, n_heads, -1])), perm=[0, 2, 1, 3])
+    return out4, present_k, present_v
+
+
+def fuse_kv_attention(gm: fx.GraphModule) -> int:
+    """``attention(q, cat([past_k, k]), cat([past_v, v]))`` -> ``attention_kv(q, k, v, past_k, past_v)``.
+
+    Returns the number of attention nodes rewritten. Present outputs of the graph are taken from the fused
+    op, so a kernel that appends to the cache itself (GQA) owns the whole update.
+    """
+    aten = torch.ops.aten
+    attention_kv = torch.ops.headsmith.attention_kv.default
+    graph = gm.graph
+    count = 0
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION]:
+        q, k, v = node.args[0], node.args[1], node.args[2]
+        key_mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("key_mask")
+        k_new, past_k = _split_cat(k)
+        v_new, past_v = _split_cat(v)
+        if (past_k is None) != (past_v is None):
+            continue
+        q_val, k_val = q.meta.get("val"), k_new.meta.get("val")  # type: ignore[union-attr]
+        heads = int(q_val.shape[1]) if isinstance(q_val, Tensor) and isinstance(q_val.shape[1], int) else 0
+        kv_heads = int(k_val.shape[1]) if isinstance(k_val, Tensor) and isinstance(k_val.shape[1], int) else 0
+        kw = dict(node.kwargs)
+        kw.pop("key_mask", None)
+        with graph.inserting_before(node):
+            fused = graph.call_function(attention_kv, (q, k_new, v_new, past_k, past_v, key_mask), {
+                "causal": kw.get("causal", True), "scale": kw.get("scale", 0.0), "window": kw.get("window", 0),
+                "sinks": kw.get("sinks", 0), "softcap": kw.get("softcap", 0.0), "layer": kw.get("layer", -1),
+                "n_heads": heads, "n_kv_heads": kv_heads})
+            out = graph.call_function(operator.getitem, (fused, 0))
+            present_k = graph.call_function(operator.getitem, (fused, 1))
+            present_v = graph.call_function(operator.getitem, (fused, 2))
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        for cat, present in ((k, present_k), (v, present_v)):
+            if past_k is not None and isinstance(cat, fx.Node) and cat.graph is graph:
+                cat.replace_all_uses_with(present)
+        count += 1
+    from ..fxutil import erase_dead
+    erase_dead(graph)
+    graph.lint()
+    gm.recompile()
+    del aten
+    return count
+
+
+def _split_cat(node: Any) -> tuple[Any, Any]:
+    """``(new, past)`` if ``node`` is ``cat([past, new], 2)`` with a placeholder past, else ``(node, None)``."""
+    if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.cat.default
+            and node.args[1] == 2 and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) == 2):
+        past, new = node.args[0]
+        if isinstance(past, fx.Node) and past.op == "placeholder":
+            return new, past
+    return node, None
+
+
+VARIANTS = {"plain": _plain_attention_kv, "gqa": _gqa_attention_kv}
 DEFAULT_VARIANT = "plain"
 
 
@@ -94,14 +254,18 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
                  input_names: list[str], output_names: list[str], variant: str = DEFAULT_VARIANT,
                  optimize: bool = False) -> None:
     """Export one graph to ``path`` (with its weights in ``path.name + '.data'``)."""
-    opset = OPSET
+    from ..fxutil import clone_module
+
+    gm = clone_module(gm)
+    fuse_kv_attention(gm)
     ep = _export(gm, example, dynamic)
+    table = {ATTENTION: _plain_attention, torch.ops.headsmith.attention_kv.default: VARIANTS[variant]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            onnx_program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=input_names,
+            onnx_program = torch.onnx.export(ep, dynamo=True, opset_version=OPSET, input_names=input_names,
                                              output_names=output_names, optimize=optimize, verbose=False,
-                                             custom_translation_table={ATTENTION: VARIANTS[variant]})
+                                             custom_translation_table=table)
         except Exception as e:  # torch.onnx raises many error types; report the first line, keep the cause
             raise BackendError(f"ONNX export failed: {str(e).strip().splitlines()[0][:300]}") from e
     assert onnx_program is not None
@@ -209,7 +373,7 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
         export_graph(program.gm, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "model.onnx", inputs,
                      ["last_hidden_state"], variant)
         onnx.checker.check_model(str(directory / "model.onnx"), full_check=False)
-        return {"name": "onnx", "variant": variant, "opset": OPSET, "forward": "model.onnx", "cache": []}
+        return {"name": "onnx", "attention": variant, "opset": OPSET, "forward": "model.onnx", "cache": []}
     pre, entries = prefill_graph(program)
     dec, _ = decode_graph(program)
     cache_names = [e.name.replace(".", "_") for e in entries]
@@ -227,7 +391,7 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
     share_weights(directory / "prefill.onnx", directory / "decode.onnx")
     for name in ("prefill.onnx", "decode.onnx"):
         onnx.checker.check_model(str(directory / name), full_check=False)
-    return {"name": "onnx", "variant": variant, "opset": OPSET, "prefill": "prefill.onnx",
+    return {"name": "onnx", "attention": variant, "opset": OPSET, "prefill": "prefill.onnx",
             "decode": "decode.onnx", "cache": layout_dict(entries)}
 
 

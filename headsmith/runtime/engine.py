@@ -85,9 +85,7 @@ class TorchEngine:
         backend = artifact.manifest["backend"]
 
         def load(name: str) -> Any:
-            module = torch.export.load(str(artifact.path / name)).module()
-            ordered = ordered_weights(module, weights)
-            return lambda *args: module(ordered, *args)
+            return bind_weights(torch.export.load(str(artifact.path / name)), weights)
 
         forward = load(backend["program"])
         if artifact.info.task != "causal-lm":
@@ -169,6 +167,16 @@ class OrtEngine:
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: KVCache) -> tuple[Tensor, Any]:
         b, t = input_ids.shape
+        if self.backend.get("attention") == "gqa" and b > 1 and t > 1 and cache.length > 0:
+            # onnxruntime's GroupQueryAttention takes several new tokens with a past only for batch 1:
+            # run them one at a time (same result)
+            p = attention_mask.shape[1] - t
+            pieces = []
+            for i in range(t):
+                logits, cache = self.decode(input_ids[:, i:i + 1], attention_mask[:, :p + i + 1],
+                                            position_ids[:, i:i + 1], cache)
+                pieces.append(logits)
+            return torch.cat(pieces, 1), cache
         feeds = _feeds(input_ids, position_ids, attention_mask)
         for spec, past in zip(cache.specs, cache.past()):
             feeds[f"past_{spec.name.replace('.', '_')}"] = past
@@ -186,6 +194,37 @@ class OrtEngine:
             return torch.from_numpy(out[0])
         logits, _ = self.decode(input_ids, attention_mask, position_ids, self.new_cache(input_ids.shape[0], 1))
         return logits
+
+
+def bind_weights(ep: Any, weights: dict[str, Tensor]) -> Any:
+    """A callable over an exported program whose weights were lifted to inputs: the weight placeholders become
+    attributes of a GraphModule (so a call passes only the real inputs, with no per-call pytree flattening or
+    input checks over hundreds of weights)."""
+    from torch import fx
+
+    keys = ep.call_spec.in_spec.child(0).child(0).context
+    gm = ep.graph_module
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) < len(keys):
+        raise BackendError("the exported program does not take its weights as inputs")
+    for i, (node, key) in enumerate(zip(placeholders, keys)):
+        root.register_buffer(f"w{i}", weights[key])
+        env[node] = graph.get_attr(f"w{i}")
+    for node in gm.graph.nodes:
+        if node in env:
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    bound = fx.GraphModule(root, graph)
+    single = len(ep.call_spec.out_spec.children()) == 0 if hasattr(ep.call_spec.out_spec, "children") else False
+
+    def call(*args: Tensor) -> Any:
+        out = bound(*args)
+        return out[0] if single and isinstance(out, (tuple, list)) else out
+
+    return call
 
 
 def ordered_weights(module: Any, weights: dict[str, Tensor]) -> dict[str, Tensor]:
