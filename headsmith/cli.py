@@ -140,9 +140,15 @@ def convert(
     dump: Annotated[Path | None, typer.Option("--dump", help="Write graphs before/after each pass here.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for calibration and checks.")] = 0,
     text: Annotated[Path | None, typer.Option("--calibration-text", help="Calibration text file.")] = None,
+    export: Annotated[str | None, typer.Option(
+        "--export", help="Also write a checkpoint other tools load: 'hf' (transformers from_pretrained), into OUT/hf."
+    )] = None,
     onnx_attention: Annotated[str | None, typer.Option(
         "--onnx-attention", help="ONNX attention lowering: plain (standard ops, default) or gqa (onnxruntime's "
         "GroupQueryAttention contrib op).")] = None,
+    tvm_target: Annotated[str | None, typer.Option(
+        "--tvm-target", help="TVM target: llvm (this CPU, default), llvm:<cpu> (e.g. llvm:x86-64-v3), "
+        "cuda:sm_80 or cuda:sm_90 (cross-compiled).")] = None,
 ) -> None:
     """Load MODEL, apply the passes and write an artifact directory for BACKEND."""
     import headsmith
@@ -154,6 +160,10 @@ def convert(
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
     options: dict[str, Any] = {}
+    if export is not None:
+        if export != "hf":
+            raise HeadsmithError(f"unknown --export {export!r}", "the supported format is: hf")
+        options["export"] = export
     if onnx_attention is not None:
         if backend != "onnx":
             raise HeadsmithError("--onnx-attention applies to --backend onnx only")
@@ -161,6 +171,12 @@ def convert(
         if onnx_attention not in VARIANTS:
             raise HeadsmithError(f"unknown --onnx-attention {onnx_attention!r}", f"choose one of {', '.join(VARIANTS)}")
         options["attention"] = onnx_attention
+    if tvm_target is not None:
+        if backend != "tvm":
+            raise HeadsmithError("--tvm-target applies to --backend tvm only")
+        from .backends.tvm_backend import TvmTarget
+        TvmTarget.parse(tvm_target)  # fail fast on a bad target, before loading anything
+        options["target"] = tvm_target
     check_output_path(output, model, force)
     ctx = PassContext(seed=seed, verify=verify, dump_dir=dump, calibration_text=text, progress=_progress(False))
     with status(f"loading, capturing and raising {model}"):

@@ -113,7 +113,8 @@ def nearest_linears(start: fx.Node) -> list[fx.Node]:
         if is_call(n, LINEAR) and n is not start:
             found.append(n)
             return True
-        return n.op in ("get_attr", "placeholder")
+        # shape reads (sym_size) are not data flow: do not follow them
+        return n.op in ("get_attr", "placeholder") or is_call(n, aten.sym_size.int)
 
     ancestors([start], stop)
     return found
@@ -137,7 +138,8 @@ def output_projection(node: fx.Node) -> fx.Node | None:
 
 def find_rope(q_in: fx.Node, projection: fx.Node) -> tuple[Rope | None, bool]:
     """Find ``x*cos + rotate_half(x)*sin`` and per-head norms between a projection and ``q_in``."""
-    region = ancestors([q_in], lambda n: n is projection or n.op in ("get_attr", "placeholder"))
+    region = ancestors([q_in], lambda n: n is projection or n.op in ("get_attr", "placeholder")
+                       or is_call(n, aten.sym_size.int))
     has_norm = any(is_call(n, aten.rsqrt.default, aten.layer_norm.default, aten.rms_norm.default)
                    for n in region)
     for n in region:

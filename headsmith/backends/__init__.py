@@ -22,8 +22,19 @@ def lower(name: str, program: Program, directory: Path, progress: Any = None,
         attention = options.pop("attention", DEFAULT_VARIANT)
         _no_more(name, options)
         return lower_onnx(program, directory, progress, variant=attention)
+    if name == "tvm":
+        from .tvm_backend import DEFAULT_TARGET, lower_tvm
+        target = options.pop("target", DEFAULT_TARGET)
+        _no_more(name, options)
+        return lower_tvm(program, directory, progress, target=target)
+    if name == "tensorrt":
+        from .tensorrt_backend import DEFAULT_MAX_BATCH, lower_tensorrt
+        max_batch = int(options.pop("max_batch", DEFAULT_MAX_BATCH))
+        max_tokens = options.pop("max_tokens", None)
+        _no_more(name, options)
+        return lower_tensorrt(program, directory, progress, max_batch=max_batch, max_tokens=max_tokens)
     raise BackendError(f"backend {name!r} is not available in this version of headsmith",
-                       "use --backend torch or --backend onnx")
+                       "use --backend torch, onnx, tvm or tensorrt")
 
 
 def _no_more(name: str, options: dict[str, Any]) -> None:
@@ -34,5 +45,11 @@ def _no_more(name: str, options: dict[str, Any]) -> None:
 def engine_for_backend(artifact: Any, threads: int | None = None) -> Any:
     """The runtime engine for backends other than torch and onnx."""
     name = artifact.manifest["backend"]["name"]
+    if name == "tvm":
+        from ..runtime.tvm_engine import TvmEngine
+        return TvmEngine.from_artifact(artifact, threads)
+    if name == "tensorrt":
+        from ..runtime.tensorrt_engine import TensorRTEngine
+        return TensorRTEngine.from_artifact(artifact)
     raise BackendError(f"artifact {artifact.path} was built for backend {name!r}, which this version cannot run",
                        "convert it again with --backend torch or --backend onnx")

@@ -184,6 +184,15 @@ def _say(progress: Any, text: str) -> None:
 
 
 def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dict[str, Any] | None) -> None:
+    options = dict(options or {})
+    export = options.pop("export", None)
+    if export not in (None, "hf"):
+        raise BackendError(f"unknown export format {export!r}", "use --export hf")
+    hf_dir = None
+    if export == "hf":
+        from .hf_export import export_hf
+        _say(progress, "writing the Hugging Face checkpoint (hf/)")
+        hf_dir = export_hf(program, tmp / "hf").name
     weights = graph_weights(program.gm)
     unique, aliases = split_aliases(weights)
     _say(progress, "writing weights.safetensors")
@@ -218,6 +227,7 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
         "weights": {"file": "weights.safetensors", "aliases": aliases},
         "decode_weight_bytes": decode_weight_bytes(program),
         "backend": backend_info,
+        "hf_checkpoint": hf_dir,
     }
     manifest["files"] = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*"))
                          if p.is_file()}

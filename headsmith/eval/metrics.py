@@ -44,6 +44,7 @@ def _positions(length: int) -> Tensor:
     return torch.arange(length).unsqueeze(0)
 
 
+@torch.no_grad()
 def perplexity(forward: Forward, ids: Tensor, window: int = 1024, stride: int | None = None,
                reference: Forward | None = None) -> dict[str, float]:
     """Perplexity of ``ids`` (1-D); with ``reference``, also KL(reference || model) and top-1 agreement."""

@@ -13,10 +13,13 @@ from importlib.metadata import entry_points
 from ..errors import PassSpecError
 from .base import MatchResult, Pass, PassContext, PassResult
 from .canonicalize import Canonicalize, Dce
+from .gqa import Gqa
+from .heal import Heal
+from .mla import Mla
 from .raise_attention import RaiseAttention
 from .spec import build, parse_spec
 
-ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention)
+ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Gqa, Heal, Mla)
 REGISTRY: dict[str, type[Pass]] = {p.name: p for p in ALL_PASSES}
 ENTRY_POINT_GROUP = "headsmith.passes"
 _plugins_loaded = False

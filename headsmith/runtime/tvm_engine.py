@@ -1,0 +1,254 @@
+"""``TvmEngine``: runs a TVM artifact (``model.so``, see ``headsmith/backends/tvm_backend.py``) in the Relax VM.
+
+Letters: B batch, T new tokens, P cached tokens, C cache capacity, H KV heads, D head dim, V vocab.
+
+Same protocol as the other engines (``prefill`` / ``decode`` / ``forward``, int64 torch tensors in,
+float32 torch tensors out; tensors cross into TVM through DLPack without copies). The cache is
+:class:`TvmCache`: per entry one torch buffer ``[B,H,C,D]`` that the library's ``decode`` writes the new
+keys/values into in place (rows ``P..P+T``), so a step copies nothing; a step that would pass the capacity
+first grows every buffer to twice the size. Weights are read from ``weights.safetensors``, copied to
+64-byte aligned memory (TVM's kernels assume it) and packed once by the library's ``transform_params``.
+
+Before anything is loaded the manifest's target is checked against this machine: a CUDA library needs a
+CUDA GPU whose compute capability runs the recorded arch, an ``llvm`` library needs every ISA extension it
+was compiled for. A mismatch is a :class:`~headsmith.errors.BackendError` saying what is missing.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import BackendError
+from ..program import ModelInfo, ModelSpec
+
+ALIGNMENT = 64  # bytes; TVM's generated code assumes it for every buffer
+
+
+@dataclass
+class TvmCache:
+    """Capacity buffers ``[B,H,C,D]`` whose first ``length`` rows are valid: torch tensors (shared with TVM)
+    on CPU, TVM tensors on a GPU."""
+
+    tensors: list[Any]
+    seq_dims: list[int]
+    device: Any
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.tensors[0].shape[self.seq_dims[0]]) if self.tensors else 0
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` rows (grows to at least twice the capacity, keeping the valid rows)."""
+        if tokens <= self.capacity:
+            return
+        size = max(tokens, 2 * self.capacity)
+        grown = []
+        for t, d in zip(self.tensors, self.seq_dims):
+            shape = list(t.shape)
+            shape[d] = size
+            new = empty(shape, self.device)
+            copy_rows(new, t, d, self.length, self.device)
+            grown.append(new)
+        self.tensors = grown
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens (speculative decoding's rollback)."""
+        self.length = min(self.length, max(0, length))
+
+    def valid(self) -> list[Tensor]:
+        """The cache as torch ``[B,H,length,D]`` tensors (views on CPU)."""
+        return [_to_torch(t).narrow(d, 0, self.length) for t, d in zip(self.tensors, self.seq_dims)]
+
+
+def on_cpu(device: Any) -> bool:
+    return int(device.dlpack_device_type()) == 1
+
+
+def empty(shape: list[int], device: Any) -> Any:
+    """A float32 cache buffer: an aligned torch tensor on CPU, a TVM tensor elsewhere."""
+    if on_cpu(device):
+        return aligned_empty(shape)
+    import tvm
+    return tvm.runtime.empty(tuple(shape), "float32", device)
+
+
+def copy_rows(dst: Any, src: Any, dim: int, rows: int, device: Any) -> None:
+    """``dst[..., :rows, ...] = src[..., :rows, ...]`` along ``dim`` (``src`` torch or TVM)."""
+    if on_cpu(device):
+        dst.narrow(dim, 0, rows).copy_(_to_torch(src).narrow(dim, 0, rows))
+        return
+    host = dst.numpy()
+    index = [slice(None)] * host.ndim
+    index[dim] = slice(0, rows)
+    host[tuple(index)] = _to_torch(src).numpy()[tuple(index)]
+    dst.copyfrom(host)
+
+
+def aligned_empty(shape: list[int] | tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised tensor whose data starts on a 64-byte boundary."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    pad = ALIGNMENT // torch.tensor([], dtype=dtype).element_size()
+    raw = torch.empty(numel + pad, dtype=dtype)
+    offset = (-raw.data_ptr() % ALIGNMENT) // raw.element_size()
+    return raw.narrow(0, offset, numel).view(tuple(int(size) for size in shape))
+
+
+def aligned(t: Tensor) -> Tensor:
+    """``t`` itself when contiguous, detached and 64-byte aligned, else an aligned copy."""
+    t = t.detach()
+    if t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0:
+        return t
+    out = aligned_empty(tuple(t.shape), t.dtype)
+    out.copy_(t)
+    return out
+
+
+def check_target(record: dict[str, Any], path: Path) -> Any:
+    """The TVM device for ``record`` (the manifest's target) on this machine, or a BackendError."""
+    import tvm
+
+    kind = record.get("kind")
+    spec = record.get("spec", kind)
+    if kind == "cuda":
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise BackendError(f"artifact {path} was compiled for {spec}, but no CUDA GPU (or CUDA driver) is "
+                               "visible on this machine",
+                               "run it on a machine with an NVIDIA GPU, or convert again with --tvm-target llvm")
+        have = dev.compute_version  # e.g. "9.0"
+        major, _, minor = str(have).partition(".")
+        arch = str(record.get("arch", "sm_80"))
+        want = arch.removeprefix("sm_").rstrip("a")
+        if major != want[:-1] or int(minor or 0) < int(want[-1]):
+            raise BackendError(f"artifact {path} was compiled for {arch}, but this GPU has compute capability "
+                               f"{have}", f"convert again with --tvm-target cuda:sm_{major}{minor}")
+        return dev
+    if kind != "llvm":
+        raise BackendError(f"artifact {path} has an unknown TVM target {record!r}", "re-run `headsmith convert`")
+    triple = str(record.get("mtriple", ""))
+    machine = platform.machine()
+    if triple and not triple.startswith(machine):
+        raise BackendError(f"artifact {path} was compiled for {triple}, but this machine is {machine}",
+                           "convert again on this machine (--backend tvm)")
+    from ..backends.tvm_backend import host_features
+    missing = sorted(set(record.get("features", [])) - host_features())
+    if missing:
+        raise BackendError(f"artifact {path} was compiled for CPU {record.get('mcpu')!r}, which has "
+                           f"{', '.join(missing)}; this machine's CPU lacks them",
+                           "convert again here (--tvm-target llvm picks this CPU) or with a portable CPU "
+                           "such as --tvm-target llvm:x86-64-v3")
+    return tvm.cpu(0)
+
+
+@dataclass
+class TvmEngine:
+    """Runs ``model.so`` with the Relax VM (see the module docstring)."""
+
+    info: ModelInfo
+    spec: ModelSpec
+    backend: dict[str, Any]
+    vm: Any
+    params: list[Any]
+    device: Any
+    name: str = "tvm"
+    _keep: list[Any] = field(default_factory=list, repr=False)
+
+    @staticmethod
+    def from_artifact(artifact: Any, threads: int | None = None) -> TvmEngine:
+        import tvm
+        from tvm import relax
+
+        backend = artifact.manifest["backend"]
+        device = check_target(backend.get("target", {}), artifact.path)
+        library = artifact.path / backend["library"]
+        if not library.exists():
+            raise BackendError(f"TVM library {library} is missing", "re-run `headsmith convert --backend tvm`")
+        if threads is not None:
+            tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
+        try:
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+        except Exception as e:  # TVM raises for a library its runtime cannot load
+            raise BackendError(f"cannot load {library}: {str(e).strip().splitlines()[0][:300]}",
+                               "convert again with this headsmith and TVM version") from e
+        raw = []
+        for name in backend["params"]:
+            if name not in artifact.weights:
+                raise BackendError(f"weight {name} of the TVM library is missing from weights.safetensors",
+                                   "re-run `headsmith convert --backend tvm`")
+            raw.append(_to_device(aligned(artifact.weights[name]), device))
+        params = list(vm["transform_params"](raw))
+        return TvmEngine(artifact.info, artifact.spec, backend, vm, params, device, _keep=raw)
+
+    @property
+    def seq_dims(self) -> list[int]:
+        return [int(e["seq_dim"]) for e in self.backend.get("cache", [])]
+
+    def new_cache(self, batch: int, capacity: int = 256) -> TvmCache:
+        tensors = []
+        for e in self.backend.get("cache", []):
+            shape = [batch if i == 0 else capacity if i == int(e["seq_dim"]) else int(d)
+                     for i, d in enumerate(e["shape"])]
+            tensors.append(empty(shape, self.device))
+        return TvmCache(tensors, self.seq_dims, self.device)
+
+    def _call(self, fn: str, *args: Any) -> Any:
+        return self.vm[fn](*[_to_device(aligned(a), self.device) if isinstance(a, Tensor) else a for a in args],
+                           *self.params)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        b, t = input_ids.shape
+        out = self._call("prefill", input_ids.to(torch.int64), position_ids.to(torch.int64),
+                         attention_mask.to(torch.int64))
+        cache = self.new_cache(b, capacity=max(256, 2 * t))
+        for buf, d, value in zip(cache.tensors, cache.seq_dims, list(out)[1:]):
+            copy_rows(buf, value, d, t, self.device)
+        cache.length = t
+        return _to_torch(out[0]), cache
+
+    def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+               cache: TvmCache) -> tuple[Tensor, Any]:
+        t = input_ids.shape[1]
+        total = attention_mask.shape[1]
+        if total != cache.length + t:
+            raise BackendError(f"decode got an attention mask of {total} tokens for {cache.length} cached + {t} new")
+        cache.reserve(total)
+        out = self._call("decode", input_ids.to(torch.int64), position_ids.to(torch.int64),
+                         attention_mask.to(torch.int64), *cache.tensors)
+        cache.length = total
+        return _to_torch(out[0]), cache
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        if "forward" in self.backend.get("functions", []):
+            out = self._call("forward", input_ids.to(torch.int64), position_ids.to(torch.int64),
+                             attention_mask.to(torch.int64))
+            return _to_torch(out[0] if _is_sequence(out) else out)
+        logits, _ = self.decode(input_ids, attention_mask, position_ids,
+                                self.new_cache(input_ids.shape[0], input_ids.shape[1]))
+        return logits
+
+
+def _is_sequence(value: Any) -> bool:
+    return not hasattr(value, "__dlpack__") and hasattr(value, "__len__")
+
+
+def _to_device(t: Tensor, device: Any) -> Any:
+    """A torch CPU tensor as an argument for ``device`` (itself on CPU, a device copy on a GPU)."""
+    if on_cpu(device):
+        return t
+    import tvm
+    return tvm.runtime.tensor(t.numpy(), device)
+
+
+def _to_torch(value: Any) -> Tensor:
+    """A TVM tensor as a torch CPU tensor (zero-copy on CPU)."""
+    tensor = torch.from_dlpack(value)
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
