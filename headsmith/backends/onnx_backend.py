@@ -236,6 +236,58 @@ def fuse_kv_attention(gm: fx.GraphModule) -> int:
     return count
 
 
+def fuse_parallel_linears(gm: fx.GraphModule) -> int:
+    """``linear(x, W1), linear(x, W2), ...`` -> ``split(linear(x, cat(W1, W2, ...)))``. Exact.
+
+    One wide GEMV per input instead of several narrow ones (q/k/v, gate/up): fewer kernel launches and better
+    memory streaming in a decode step. Returns how many groups were fused.
+    """
+    from ..fxutil import add_weight, weight_of
+
+    aten = torch.ops.aten
+    graph = gm.graph
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.linear.default and isinstance(node.args[0], fx.Node):
+            if weight_of(gm, node.args[1]) is not None:
+                groups.setdefault(node.args[0], []).append(node)
+    count = 0
+    for x, linears in groups.items():
+        has_bias = [len(n.args) > 2 and n.args[2] is not None for n in linears]
+        if len(linears) < 2 or (any(has_bias) and not all(has_bias)):
+            continue
+        weights = [weight_of(gm, n.args[1]) for n in linears]
+        if any(w is None or w.dim() != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:  # type: ignore[union-attr]
+            continue
+        biases = [weight_of(gm, n.args[2]) for n in linears] if all(has_bias) else None
+        if biases is not None and any(b is None for b in biases):
+            continue
+        first = min(linears, key=lambda n: list(graph.nodes).index(n))
+        sizes = [int(w.shape[0]) for w in weights]  # type: ignore[union-attr]
+        with graph.inserting_before(first):
+            w_node = add_weight(gm, graph, f"{linears[0].args[1].target}_fused", torch.cat(weights, 0), first)  # type: ignore[arg-type, union-attr]
+            args: tuple[Any, ...] = (x, w_node)
+            if biases is not None:
+                args = (x, w_node, add_weight(gm, graph, f"{linears[0].args[2].target}_fused",  # type: ignore[union-attr]
+                                               torch.cat(biases, 0), first))  # type: ignore[arg-type]
+            fused = graph.call_function(aten.linear.default, args)
+            parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        with graph.inserting_after(parts):
+            items = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(linears))][::-1]
+        for item, node in zip(reversed(items), linears):
+            item.meta = dict(node.meta)
+            node.replace_all_uses_with(item)
+            graph.erase_node(node)
+        count += 1
+    if count:
+        from ..fxutil import erase_dead, prune_unused_attrs
+        erase_dead(graph)
+        prune_unused_attrs(gm)
+        graph.lint()
+        gm.recompile()
+    return count
+
+
 def _split_cat(node: Any) -> tuple[Any, Any]:
     """``(new, past)`` if ``node`` is ``cat([past, new], 2)`` with a placeholder past, else ``(node, None)``."""
     if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.cat.default
@@ -258,6 +310,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
 
     gm = clone_module(gm)
     fuse_kv_attention(gm)
+    fuse_parallel_linears(gm)
     ep = _export(gm, example, dynamic)
     table = {ATTENTION: _plain_attention, torch.ops.headsmith.attention_kv.default: VARIANTS[variant]}
     with warnings.catch_warnings():
