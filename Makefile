@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the local CPU wheel; naming it in the same command keeps pip from pulling a CUDA build
-	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[onnx,tvm,plot,test]"
+	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[onnx,tvm,tensorrt,plot,test]"
 	touch $(STAMP)
 
 $(MODELS): $(STAMP)

@@ -1,6 +1,6 @@
 """The ``headsmith`` command line.
 
-    headsmith inspect MODEL [--json]
+    headsmith inspect MODEL [--json] [--scores heads|layers|mlp [--plot FILE.png]]
     headsmith passes
     headsmith convert MODEL --passes SPEC --backend torch|onnx -o OUT [--force]
     headsmith run ARTIFACT --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
@@ -66,12 +66,24 @@ def inspect(
     model: Annotated[str, typer.Argument(help="Built-in name, HF directory, .gguf file, or artifact directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickled .bin weights.")] = False,
+    scores: Annotated[str | None, typer.Option(
+        "--scores", help="Also measure pruning scores on calibration text: heads (gradient, norm), layers (block "
+        "influence, angular distance) or mlp (Wanda channel scores).")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="With --scores: draw them as a heatmap PNG.")] = None,
+    tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens for --scores.")] = 2048,
 ) -> None:
     """Layers, attention kind per layer, heads / KV heads / head dim, parameters and KV-cache bytes per token."""
     from .program import ModelSpec
 
+    if scores is not None and scores not in ("heads", "layers", "mlp"):
+        raise HeadsmithError(f"unknown --scores {scores!r}", "choose heads, layers or mlp")
+    if plot_path is not None and scores is None:
+        raise HeadsmithError("--plot draws pruning scores", "add --scores heads|layers|mlp")
     path = Path(model)
+    program = None
     if (path / "manifest.json").exists():
+        if scores is not None:
+            raise HeadsmithError("--scores needs the model itself, not an artifact", "inspect the source model")
         from .backends.artifact import read_manifest
         manifest = read_manifest(path)
         spec, extra = ModelSpec.from_dict(manifest["model"]), {"passes": manifest["passes"], "artifact": str(path)}
@@ -81,12 +93,27 @@ def inspect(
             program = headsmith.load(model, allow_pickle=allow_pickle)
         spec = program.spec()
         extra = {"source": program.source.name, "capture_seconds": program.reports[0].get("seconds")}
+    table = None
+    if scores is not None and program is not None:
+        from .passes import PassContext
+        from .passes.scores import calibration_rows, plot_scores, score_table
+        ids = calibration_rows(program, PassContext(), tokens)
+        with status(f"measuring {scores} scores on {ids.numel()} calibration tokens", quiet=as_json):
+            table = score_table(program, scores, ids)
+        if plot_path is not None:
+            plot_scores(table, str(plot_path), title=f"{program.source.name}: {scores}")
     d = spec.to_dict()
     d.update(extra)
+    if table is not None:
+        d["scores"] = table
     if as_json:
         out.print_json(json.dumps(d))
         return
     _print_spec(spec, extra)
+    if table is not None:
+        _print_scores(table)
+    if plot_path is not None:
+        out.print(f"wrote {plot_path}", highlight=False)
 
 
 def _print_spec(spec: Any, extra: dict[str, Any]) -> None:
@@ -107,6 +134,50 @@ def _print_spec(spec: Any, extra: dict[str, Any]) -> None:
         out.print(f"captured with torch.export in {extra['capture_seconds']:.1f}s")
     if "passes" in extra:
         out.print(f"passes: {', '.join(extra['passes']) or '(none)'}")
+
+
+def _print_scores(table: dict[str, Any]) -> None:
+    """Pruning scores: per head (divided by the layer's largest), per block, or per-layer channel statistics."""
+    kind = table["kind"]
+    if kind == "heads":
+        for method in ("gradient", "norm"):
+            rows = table[method]
+            t = Table(title=f"head scores: {method} (each layer divided by its largest; lowest go first)")
+            t.add_column("layer", justify="right")
+            for h in range(max(len(r) for r in rows)):
+                t.add_column(str(h), justify="right")
+            for layer, r in zip(table["layers"], rows):
+                top = max(max(r), 1e-30)
+                t.add_row(str(layer), *[f"{v / top:.2f}" for v in r])
+            out.print(t)
+        return
+    if kind == "layers":
+        t = Table(title="block scores (lowest go first)")
+        for col in ("block", "path", "block influence", "angular d(l, l+1)"):
+            t.add_column(col, justify="right" if col != "path" else "left")
+        ang = table["angular"]
+        for i, (path, infl) in enumerate(zip(table["paths"], table["influence"])):
+            t.add_row(str(i), path, f"{infl:.4f}", f"{ang[i][i + 1]:.4f}")
+        out.print(t)
+        n_blocks = len(table["paths"])
+        spans = Table(title="best span of n blocks to drop (smallest angular distance)")
+        for col in ("n", "first block", "distance"):
+            spans.add_column(col, justify="right")
+        for n in range(1, n_blocks):
+            best = min(range(n_blocks - n + 1), key=lambda i: ang[i][i + n])
+            spans.add_row(str(n), str(best), f"{ang[best][best + n]:.4f}")
+        out.print(spans)
+        return
+    t = Table(title="MLP channel scores (Wanda), per layer")
+    for col in ("layer", "channels", "min", "median", "max", "score share of the lowest 25% / 50%"):
+        t.add_column(col, justify="right")
+    for layer, width, r in zip(table["layers"], table["widths"], table["wanda"]):
+        s = sorted(r)
+        total = max(sum(s), 1e-30)
+        low25, low50 = sum(s[: width // 4]) / total, sum(s[: width // 2]) / total
+        t.add_row(str(layer), str(width), f"{s[0]:.3g}", f"{s[len(s) // 2]:.3g}", f"{s[-1]:.3g}",
+                  f"{low25:.1%} / {low50:.1%}")
+    out.print(t)
 
 
 # ---- passes --------------------------------------------------------------------------------------

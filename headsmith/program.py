@@ -82,6 +82,8 @@ class LayerSpec:
     qk_norm: bool = False
     cache_width: int = 0
     """Numbers cached per token per layer (K and V together; a latent for MLA)."""
+    latent: bool = False
+    """Multi-head latent attention (``mla``): the cache holds a rotary key and a value latent, not per-head K/V."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,8 @@ class Program:
                 head_dim=site.head_dim, v_head_dim=site.v_head_dim, window=site.window, sinks=site.sinks,
                 scale=site.scale, softcap=site.softcap,
                 rope_dims=site.rope.dims if site.rope is not None else 0,
-                qk_norm=site.qk_norm, cache_width=int(width)))
+                qk_norm=site.qk_norm, cache_width=int(width),
+                latent="headsmith_cache_width" in site.node.meta))
         return ModelSpec(
             architecture=self.info.architecture, model_type=self.info.model_type, task=self.info.task,
             n_layers=len(layers), hidden_size=self.info.hidden_size, vocab_size=self.info.vocab_size,

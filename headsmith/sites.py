@@ -184,6 +184,14 @@ def _cos_factor(x: fx.Node, rot: fx.Node) -> fx.Node | None:
     return None
 
 
+def kv_source(node: fx.Node) -> fx.Node:
+    """The cached key/value behind ``index_select(x, 1, kv_index)`` (KV heads expanded in the graph, as
+    ``prune-heads`` does for unequal GQA groups), else ``node``: its dim 1 is the true number of KV heads."""
+    if is_call(node, aten.index_select.default) and node.args[1] == 1 and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return node
+
+
 class SiteError(Exception):
     """Raised by :func:`find_sites` with the node that does not fit the canonical form."""
 
@@ -216,7 +224,7 @@ def find_sites(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]]) -> li
         rope_k, k_norm = find_rope(k_in, projections[1].node)
         if (rope_q is None) != (rope_k is None):
             raise SiteError("RoPE is applied to only one of q and k", node)
-        q_shape, k_shape, v_shape = shapes[q_in], shapes[k_in], shapes[v_in]
+        q_shape, k_shape, v_shape = shapes[q_in], shapes[kv_source(k_in)], shapes[v_in]
         layer = node.kwargs.get("layer", -1)
         sites.append(AttentionSite(
             node=node, layer=int(layer) if isinstance(layer, int) and layer >= 0 else i,

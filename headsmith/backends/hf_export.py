@@ -54,7 +54,7 @@ def export_config(program: Program) -> dict[str, Any]:
     """The source config with the sizes the passes changed; refuses what the architecture cannot express."""
     spec = program.spec()
     config = json.loads(json.dumps(program.info.config))
-    if any(layer.cache_width != layer.n_kv_heads * (layer.head_dim + layer.v_head_dim) for layer in spec.layers):
+    if any(layer.latent for layer in spec.layers):
         raise BackendError("the program has latent (MLA) attention, which its source architecture "
                            f"({program.info.architecture}) cannot express", "export with --backend instead")
     shapes = {(la.n_heads, la.n_kv_heads, la.head_dim) for la in spec.layers}

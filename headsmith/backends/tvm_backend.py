@@ -72,6 +72,10 @@ class TvmTarget:
         """``llvm`` | ``llvm:<cpu>`` | ``cuda`` | ``cuda:<sm_XY>`` (see the module docstring)."""
         kind, _, detail = text.strip().partition(":")
         if kind == "llvm":
+            from tvm.target import codegen
+            if detail and not codegen.llvm_is_valid_cpu(detail, codegen.llvm_get_system_triple()):
+                raise BackendError(f"LLVM does not know the CPU {detail!r}",
+                                   "give an LLVM CPU name such as x86-64-v3, skylake-avx512 or znver3")
             return TvmTarget("llvm", mcpu=detail or host_cpu())
         if kind == "cuda":
             arch = detail or DEFAULT_CUDA_ARCH
@@ -85,10 +89,6 @@ class TvmTarget:
         from tvm.target import Target
         if self.kind == "cuda":
             return Target({"kind": "cuda", "arch": self.arch}, host=Target({"kind": "llvm"}))
-        from tvm.target import codegen
-        if not codegen.llvm_is_valid_cpu(self.mcpu, codegen.llvm_get_system_triple()):
-            raise BackendError(f"LLVM does not know the CPU {self.mcpu!r}",
-                               "give an LLVM CPU name such as x86-64-v3, skylake-avx512 or znver3")
         return Target({"kind": "llvm", "mcpu": self.mcpu, "num-cores": os.cpu_count() or 1})
 
     def record(self) -> dict[str, Any]:
@@ -252,7 +252,7 @@ class Converters:
         gv = self.kernel(importer, ("matmul", padded, k), lambda: kernels.matmul_packed(padded, k))
         y = bb.emit(relax.call_tir(gv, [x2, packed], relax.TensorType([rows, padded], "float32")))
         if padded != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n], assume_inbound=True))
         y = bb.emit(relax.op.reshape(y, [*lead, n]))
         return bb.emit(relax.op.add(y, bias)) if bias is not None else y
 
@@ -283,7 +283,7 @@ class Converters:
         tk = k.ty.shape[2]
         mask = self._mask(importer, key_mask, b, tk)
         if self.target.kind != "llvm" or q.ty.dtype != "float32":
-            return composed_attention(importer.block_builder, q, k, v, mask, opts)
+            return composed_attention(importer.block_builder, q, k, v, mask, opts, self.prefix)
         gv = self._cpu_kernel(importer, q, k, v, opts, key_mask is not None, inplace=False)
         dv = v.ty.shape[3]
         out = importer.block_builder.emit(relax.call_tir(
@@ -316,9 +316,9 @@ class Converters:
             written = bb.emit(relax.op.call_tir_inplace(gv, [k, v, kc, vc, mask], [2, 3],
                                                         [kc.ty, vc.ty]))
             kc_new, vc_new = bb.emit(relax.TupleGetItem(written, 0)), bb.emit(relax.TupleGetItem(written, 1))
-            k_all = bb.emit(relax.op.strided_slice(kc_new, axes=[2], begin=[0], end=[total]))
-            v_all = bb.emit(relax.op.strided_slice(vc_new, axes=[2], begin=[0], end=[total]))
-            return composed_attention(bb, q, k_all, v_all, mask, opts), kc_new, vc_new
+            k_all = bb.emit(relax.op.strided_slice(kc_new, axes=[2], begin=[0], end=[total], assume_inbound=True))
+            v_all = bb.emit(relax.op.strided_slice(vc_new, axes=[2], begin=[0], end=[total], assume_inbound=True))
+            return composed_attention(bb, q, k_all, v_all, mask, opts, self.prefix), kc_new, vc_new
         gv = self._cpu_kernel(importer, q, k, v, opts, key_mask is not None, inplace=True)
         out = bb.emit(relax.op.call_tir_inplace(
             gv, [q, k, v, kc, vc, mask], [3, 4, -1, -1],
@@ -341,7 +341,7 @@ class Converters:
         return self.kernel(importer, ("attention", *config), lambda: kernels.attention_cpu(*config))
 
 
-def composed_attention(bb: Any, q: Any, k: Any, v: Any, mask: Any, opts: dict[str, Any]) -> Any:
+def composed_attention(bb: Any, q: Any, k: Any, v: Any, mask: Any, opts: dict[str, Any], prefix: str) -> Any:
     """``headsmith.attention`` in Relax ops (matmul, a mask built with TE, softmax): the CUDA lowering.
 
     GQA without copying K/V: ``q[B,Hq,T,D]`` is viewed as ``[B,Hkv,rep*T,D]``. Masked scores are the most
@@ -350,22 +350,23 @@ def composed_attention(bb: Any, q: Any, k: Any, v: Any, mask: Any, opts: dict[st
     from tvm import relax, te, tirx
 
     b, hq, tq, d = q.ty.shape
-    hkv, tk = k.ty.shape[1], k.ty.shape[2]
+    hkv = k.ty.shape[1]
     dv = v.ty.shape[3]
     rep = int(hq) // int(hkv)
     scale = float(opts["scale"]) if float(opts["scale"]) > 0.0 else 1.0 / int(d) ** 0.5
     causal, window, sinks, softcap = bool(opts["causal"]), int(opts["window"]), int(opts["sinks"]), float(
         opts["softcap"])
     qg = bb.emit(relax.op.reshape(q, [b, hkv, rep * tq, d]))
-    scores = bb.emit(relax.op.matmul(qg, relax.op.permute_dims(k, [0, 1, 3, 2])))
-    scores = bb.emit(relax.op.reshape(scores, [b, hkv, rep, tq, tk]))
+    scores = bb.emit(relax.op.matmul(qg, relax.op.permute_dims(k, [0, 1, 3, 2])))  # [B,Hkv,rep*T,TK]
 
     def masked(s: Any, m: Any) -> Any:
-        def value(bi: Any, g: Any, r: Any, i: Any, j: Any) -> Any:
-            x = s[bi, g, r, i, j] * tirx.const(scale, "float32")
+        queries, keys = s.shape[2] // rep, s.shape[3]  # TE's own shape vars (the Relax ones are not in scope)
+
+        def value(bi: Any, g: Any, row: Any, j: Any) -> Any:
+            x = s[bi, g, row, j] * tirx.const(scale, "float32")
             if softcap > 0.0:
                 x = tirx.tanh(x / tirx.const(softcap, "float32")) * tirx.const(softcap, "float32")
-            qpos = i + (tk - tq)
+            qpos = row % queries + (keys - queries)
             ok = m[bi, j]
             if causal:
                 ok = tirx.all(ok, j <= qpos)
@@ -377,9 +378,8 @@ def composed_attention(bb: Any, q: Any, k: Any, v: Any, mask: Any, opts: dict[st
             return tirx.if_then_else(ok, x, tirx.const(NEG, "float32"))
         return te.compute(s.shape, value, name="masked_scores")
 
-    scores = bb.emit_te(masked, scores, mask)
+    scores = bb.emit_te(masked, scores, mask, primfunc_name_hint=f"{prefix}_masked_scores")
     probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
-    probs = bb.emit(relax.op.reshape(probs, [b, hkv, rep * tq, tk]))
     out = bb.emit(relax.op.matmul(probs, v))
     return bb.emit(relax.op.reshape(out, [b, hq, tq, dv]))
 

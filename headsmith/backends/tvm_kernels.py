@@ -57,7 +57,7 @@ def matmul_packed(n: int, k: int, nt: int = NT, mb: int = MB) -> Any:
 
     @T.prim_func(private=True)
     def matmul(x_h: T.handle, w: T.Buffer((tiles, k, nt), "float32"), y_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         M = T.int64()
         x = T.match_buffer(x_h, (M, k), "float32")
         y = T.match_buffer(y_h, (M, n), "float32")
@@ -107,7 +107,7 @@ def attention_cpu(hq: int, hkv: int, d: int, dv: int, causal: bool, window: int,
     @T.prim_func(private=True)
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, kc_h: T.handle, vc_h: T.handle, m_h: T.handle,
                   o_h: T.handle, sc_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         TQ = T.int64()
         TK = T.int64()
@@ -206,7 +206,7 @@ def kv_write_gpu(hkv: int, d: int, dv: int) -> Any:
 
     @T.prim_func(private=True)
     def kv_write(k_h: T.handle, v_h: T.handle, kc_h: T.handle, vc_h: T.handle, m_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         TQ = T.int64()
         TK = T.int64()

@@ -37,7 +37,7 @@ class Heal(Pass):
     steps: int = 100
     """Optimizer steps (upper bound; see ``minutes``)."""
     lr: float = 1e-4
-    """AdamW learning rate (cosine decay after a 5% warm-up)."""
+    """AdamW learning rate (cosine decay over the steps or the minutes, after a warm-up of 5% of the steps, at most 10)."""
     seq_len: int = 256
     """Tokens per training row."""
     batch: int = 4
@@ -75,15 +75,22 @@ class Heal(Pass):
             held_out = tokenize(student.tokenizer, EVAL_TEXT.read_text(), self.eval_tokens)
             report["before"] = _held_out_metrics(teacher, student, held_out)
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-        warm = max(1, self.steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-            1 + math.cos(math.pi * min(1.0, s / max(1, self.steps)))))
+        warm = max(1, min(self.steps // 20, 10))  # warm-up steps (at most 10: a time budget may allow few)
+
+        def lr_at(step: int, elapsed: float) -> float:
+            """Warm-up, then cosine decay over the steps or the time budget, whichever runs out first."""
+            done = step / max(1, self.steps)
+            if self.minutes > 0:
+                done = max(done, elapsed / (self.minutes * 60))
+            return self.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
         g = torch.Generator().manual_seed(ctx.seed)
         order = torch.randperm(rows.shape[0], generator=g)
         start = time.perf_counter()
         losses: list[float] = []
         use_bf16 = self.bf16 and _bf16_ok()
         for step in range(self.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, time.perf_counter() - start)
             pick = order[(torch.arange(self.batch) + step * self.batch) % rows.shape[0]]
             ids = rows[pick]
             ids, pos, mask = student.make_inputs(ids)
@@ -96,7 +103,6 @@ class Heal(Pass):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            sched.step()
             losses.append(float(loss))
             if step % 10 == 0:
                 ctx.say(f"heal step {step}/{self.steps}: loss {float(loss):.4f}")

@@ -221,6 +221,8 @@ class TvmEngine:
         if total != cache.length + t:
             raise BackendError(f"decode got an attention mask of {total} tokens for {cache.length} cached + {t} new")
         cache.reserve(total)
+        if on_cpu(self.device):  # the library writes into these buffers: they must be TVM-compatible as they are
+            cache.tensors = [aligned(t) for t in cache.tensors]
         out = self._call("decode", input_ids.to(torch.int64), position_ids.to(torch.int64),
                          attention_mask.to(torch.int64), *cache.tensors)
         cache.length = total
