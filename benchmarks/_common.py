@@ -20,7 +20,8 @@ def artifact(model: str, backend: str, passes: str = "", name: str | None = None
     manifest = path / "manifest.json"
     if manifest.exists() and not rebuild:
         recorded = json.loads(manifest.read_text())
-        if (recorded["backend"]["name"] == backend and ", ".join(recorded["passes"]) == passes.strip()
+        applied = [p for p in recorded["passes"] if p != "raise-attention"]  # load() raises attention itself
+        if (recorded["backend"]["name"] == backend and ", ".join(applied) == passes.strip()
                 and all(recorded["backend"].get(k) == v for k, v in (options or {}).items())):
             return path
     headsmith.convert(model, path, passes=passes, backend=backend, force=True, options=options)

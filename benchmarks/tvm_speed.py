@@ -24,7 +24,7 @@ from _common import artifact, machine, table
 
 from headsmith.backends.artifact import read_artifact
 from headsmith.frontend.load import load_hf
-from headsmith.runtime.bench import prompt_tokens, time_hf
+from headsmith.runtime.bench import measure_bandwidth, prompt_tokens, time_hf
 from headsmith.runtime.engine import engine_for
 
 
@@ -84,6 +84,13 @@ def main() -> None:
         tokenizer = art.tokenizer
         print(f"{name}: loaded in {time.perf_counter() - start:.1f}s", flush=True)
     vocab = 49152
+    bandwidth = measure_bandwidth()
+    weight_bytes = kv_bytes = 0
+    for name in names:
+        if name != "hf":
+            art = read_artifact(artifact(args.model, name))
+            weight_bytes, kv_bytes = int(art.manifest["decode_weight_bytes"]), art.spec.kv_bytes_per_token(4)
+            break
     rows = []
     for c in [int(x) for x in args.contexts.split(",")]:
         ids = prompt_tokens(tokenizer, c, vocab)
@@ -93,19 +100,25 @@ def main() -> None:
                 rate = hf_rate(engine, ids, args.new_tokens, args.repeats)
             else:
                 rate = decode_rate(engine, ids, args.new_tokens, args.repeats)
-            rows.append({"context": c, "engine": name, **rate, "ms_per_token": 1000 / rate["decode_tok_s"]})
+            bound = bandwidth * 1e9 / (weight_bytes + kv_bytes * (c + args.new_tokens // 2)) if weight_bytes else None
+            rows.append({"context": c, "engine": name, **rate, "ms_per_token": 1000 / rate["decode_tok_s"],
+                         "bound_tok_s": bound, "of_bound": rate["decode_tok_s"] / bound if bound else None})
     onnx = {r["context"]: r["decode_tok_s"] for r in rows if r["engine"] == "onnx"}
+    hf = {r["context"]: r["decode_tok_s"] for r in rows if r["engine"] == "hf"}
     for r in rows:
         r["vs_onnx"] = r["decode_tok_s"] / onnx[r["context"]] if r["context"] in onnx else None
+        r["vs_hf"] = r["decode_tok_s"] / hf[r["context"]] if r["context"] in hf else None
     label = {"hf": "torch (HF generate)", "torch": "torch (headsmith engine)", "onnx": "ONNX (onnxruntime)",
              "tvm": "TVM (llvm)"}
     for r in rows:
         r["engine"] = label.get(r["engine"], r["engine"])
     print(f"\n{args.model} decode, batch 1, {args.new_tokens} new tokens per run, best of {args.repeats}; "
-          f"{machine()}\n")
+          f"{machine()}; measured read bandwidth {bandwidth:.1f} GB/s; the bound is bandwidth / (fp32 weights "
+          f"read per token, {weight_bytes / 1e6:.0f} MB, + the K/V of the context, {kv_bytes} B/token)\n")
     print(table(rows, [("context", "context", ""), ("engine", "engine", ""), ("prefill_tok_s", "prefill tok/s", ".0f"),
                        ("decode_tok_s", "decode tok/s", ".1f"), ("ms_per_token", "ms/token", ".1f"),
-                       ("vs_onnx", "vs ONNX", ".2f")]))
+                       ("vs_onnx", "vs ONNX", ".2f"), ("vs_hf", "vs HF", ".2f"),
+                       ("bound_tok_s", "bound tok/s", ".1f"), ("of_bound", "of bound", ".0%")]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -203,3 +203,24 @@ def test_tensorrt_wrong_version_is_a_clear_error(tmp_path: Path) -> None:
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendError, match="built with .* 0.0.1, but .* is installed"):
         engine_for(read_artifact(copy))
+
+
+@pytest.mark.parametrize("spec", ["prune-layers(n=1), prune-heads(n=1, score=random), prune-mlp(ratio=0.25)",
+                                  "mla(kv_fraction=0.5)"])
+def test_tvm_runs_pruned_and_latent_programs(tmp_path: Path, spec: str) -> None:
+    """Non-uniform layers (uneven GQA groups expanded in the graph) and MLA's latent cache lower to TVM too."""
+    from headsmith.passes import PassContext
+    from headsmith.runtime.engine import TorchEngine
+    program = tiny_program("mistral")
+    out = program.apply(spec, PassContext(seed=2, source=program))
+    headsmith.convert(out, tmp_path / "a", backend="tvm")
+    engine = engine_for(read_artifact(tmp_path / "a"))
+    ids, pos, mask = out.example_inputs(2, 16, seed=4, pad=3)
+    logits, cache = engine.prefill(ids[:, :9], mask[:, :9], pos[:, :9])
+    step, cache = engine.decode(ids[:, 9:], mask, pos[:, 9:], cache)
+    full = out(ids, mask, pos)
+    assert float((logits[:, 0] - full[:, 8]).abs().max()) <= 1e-3
+    assert float((step - full[:, 9:])[mask[:, 9:].bool()].abs().max()) <= 1e-3
+    cfg = GenerationConfig(max_new_tokens=12, stop_tokens=())
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [9, 10]]
+    assert generate(engine, prompts, cfg).tokens == generate(TorchEngine.from_program(out), prompts, cfg).tokens

@@ -413,6 +413,29 @@ def import_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
     return mod, func
 
 
+def cache_expanded_kv(program: Program) -> Program:
+    """``program`` without the cache points ``prune-heads`` puts in front of ``index_select(k, 1, kv_index)``.
+
+    The TVM decode kernels write the attention's own keys and values into the cache in place, so layers whose
+    unequal GQA groups are expanded in the graph cache the expanded K/V here (more bytes per token than the
+    ONNX and torch backends, which cache the surviving KV heads only; the manifest's cache layout says which).
+    """
+    from ..fxutil import erase_dead, is_call
+    from ..passes.kv_cache import CACHE_POINT
+
+    marks = [n for n in program.gm.graph.nodes if is_call(n, CACHE_POINT) and n.users
+             and all(is_call(u, torch.ops.aten.index_select.default) for u in n.users)]
+    if not marks:
+        return program
+    out = program.clone()
+    for node in [n for n in out.gm.graph.nodes if n.name in {m.name for m in marks}]:
+        node.replace_all_uses_with(node.args[0])
+    erase_dead(out.gm.graph)
+    out.gm.recompile()
+    out._shapes = None
+    return out
+
+
 def build_module(program: Program, target: TvmTarget, progress: Any = None) -> tuple[Any, dict[str, Any]]:
     """The IRModule (``transform_params`` + the graph functions) and the manifest fields it implies."""
     import tvm
@@ -431,6 +454,7 @@ def build_module(program: Program, target: TvmTarget, progress: Any = None) -> t
         graphs["forward"] = (program.gm, (ids, pos, mask), ({0: batch, 1: seq},) * 3)
         fields["cache"] = []
     else:
+        program = cache_expanded_kv(program)
         pre, entries = prefill_graph(program)
         dec, _ = decode_graph(program)
         if any(e.slot not in ("key", "value") for e in entries):

@@ -283,7 +283,7 @@ def _fit_keys(cols: list[Tensor], energy: list[Tensor], cov: Tensor, rope: int) 
                 mom[a, b] = w[a] * w[b] * complex(rr + ii, ir - ri)
         evals, evecs = torch.linalg.eigh(mom)
         u = evecs[:, -1]  # top eigenvector: k' = Σ_g conj(u_g) z_g
-        lost += float(evals[:-1].real.clamp(min=0).sum())
+        lost += float(evals[:-1].real.clamp(min=0).sum().detach())
         total += float(evals.real.clamp(min=0).sum())
         coef = u.conj() * w
         new[i] = sum(coef[g].real * rows_re[g] - coef[g].imag * rows_im[g] for g in range(m_count))

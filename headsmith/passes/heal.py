@@ -103,7 +103,7 @@ class Heal(Pass):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 10 == 0:
                 ctx.say(f"heal step {step}/{self.steps}: loss {float(loss):.4f}")
             if self.minutes > 0 and time.perf_counter() - start > self.minutes * 60:

@@ -138,7 +138,7 @@ class Mla(Pass):
             mom = (w[:, None] * w[None, :]) * torch.complex(rr + ii, ri.T - ri)
             evals, evecs = torch.linalg.eigh(mom)
             eig.append((evals.real, evecs, w))
-            comps.extend((float(evals.real[j]), i, j) for j in range(g_old))
+            comps.extend((float(evals.real[j].detach()), i, j) for j in range(g_old))
         comps.sort(key=lambda c: -c[0])
         kept = sorted((i, j) for _, i, j in comps[: rope_dims // 2])
         total = sum(max(c[0], 0.0) for c in comps)

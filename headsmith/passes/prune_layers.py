@@ -23,6 +23,8 @@ Which blocks (``score``):
   perplexity (causal LMs only; K passes over the remaining blocks);
 - ``random``: K blocks drawn with ``ctx.seed``.
 
+``start=S`` removes the fixed span S .. S+K-1 instead (the score is not used).
+
 Preconditions: a plain stack of residual blocks (a block's output has the shape of its input); at least one
 block stays.
 """
@@ -61,6 +63,8 @@ class PruneLayers(Pass):
     """How blocks are chosen (see the module docstring)."""
     calibration_tokens: int = 2048
     """Calibration tokens the scores are measured on."""
+    start: int = -1
+    """Remove the span of n blocks that starts at this block instead of scoring (-1: use score)."""
 
     def __post_init__(self) -> None:
         if self.n < 0 or not 0.0 <= self.ratio < 1.0:
@@ -90,6 +94,11 @@ class PruneLayers(Pass):
         return PassResult(new, modified=True, count=k, report=report)
 
     def _choose(self, program: Program, blocks: list[Block], k: int, ctx: PassContext) -> tuple[set[int], dict[str, Any]]:
+        if self.start >= 0:
+            if self.start + k > len(blocks):
+                raise PassError(f"the span of {k} blocks from block {self.start} runs past the last block "
+                                f"({len(blocks) - 1})", f"give start <= {len(blocks) - k}")
+            return set(range(self.start, self.start + k)), {"score": "fixed span"}
         if self.score == "random":
             g = torch.Generator().manual_seed(ctx.seed)
             return {int(i) for i in torch.randperm(len(blocks), generator=g)[:k]}, {"score": "random"}
