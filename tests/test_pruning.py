@@ -166,7 +166,7 @@ def test_prune_heads_must_not_fire_and_bad_requests() -> None:
         program.apply("prune-heads(n=7)")
     with pytest.raises(PassSpecError, match="give n or ratio, not both"):
         program.apply("prune-heads(n=1, ratio=0.5)")
-    with pytest.raises(PassSpecError, match="must be one of gradient, norm, random"):
+    with pytest.raises(PassSpecError, match="must be one of auto, norm, gradient, random"):
         program.apply("prune-heads(n=1, score=magnitude)")
 
 
@@ -203,7 +203,7 @@ def test_prune_layers_angular_drops_the_most_similar_span() -> None:
     program = identity_blocks(deep_llama(), [1, 2])
     scores = layer_scores(program, torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1)))
     assert float(scores.angular[1, 3]) < 1e-6 and float(scores.influence[1]) < 1e-6
-    out = program.apply("prune-layers(n=2)", PassContext(source=program))
+    out = program.apply("prune-layers(n=2, score=angular)", PassContext(source=program))
     assert out.reports[-1]["removed"] == [1, 2]
     assert max_diff(out, program) <= 1e-5
     assert decode_error(out) <= 1e-4
@@ -346,3 +346,14 @@ def test_inspect_prints_and_plots_scores(tmp_path: Path, capsys: pytest.CaptureF
     assert "block influence" in text.lower() and "model.model.layers.1" in text
     assert png.stat().st_size > 1000
     assert main(["inspect", str(tiny_dir("qwen2")), "--scores", "neurons"]) == 2
+
+
+def test_default_scores_are_the_measured_best_per_task() -> None:
+    """``score=auto``: heads by norm on causal LMs and by gradient on encoders; layers by greedy perplexity on
+    causal LMs and by angular distance on encoders (docs/pruning.md has the measurements behind this)."""
+    llama, bert = tiny_program("llama"), tiny_program("bert")
+    assert llama.apply("prune-heads(n=1)").reports[-1]["score"] == "norm"
+    assert bert.apply("prune-heads(n=1)").reports[-1]["score"] == "gradient"
+    layers = deep_llama().apply("prune-layers(n=1, calibration_tokens=256)").reports[-1]
+    assert layers["score"] == "ppl" and len(layers["calibration_perplexity"]) == 1
+    assert bert.apply("prune-layers(n=1)").reports[-1]["score"] == "angular"

@@ -491,8 +491,9 @@ def greedy_ppl(program: Program, ids: Tensor, n: int, blocks: Sequence[Block] | 
             with torch.no_grad():
                 _, states = runner.run(static, removed, keep=[blocks[j].x_in for j in candidates])
                 for j in candidates:
-                    start = j if runner.startable[j] and j > 0 else 0
-                    logits, _ = runner.run(static, removed | {j}, start, states.get(blocks[j].x_in))
+                    state = states.get(blocks[j].x_in)
+                    start = j if runner.startable[j] and j > 0 and state is not None else 0
+                    logits, _ = runner.run(static, removed | {j}, start, state if start else None)
                     nll[j] += token_nll(logits, x[0])[0]
             count += x[0][:, 1:].numel()
         best = min(candidates, key=lambda j: nll[j])
