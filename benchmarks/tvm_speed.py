@@ -24,36 +24,14 @@ from _common import artifact, machine, table
 
 from headsmith.backends.artifact import read_artifact
 from headsmith.frontend.load import load_hf
-from headsmith.runtime.bench import measure_bandwidth, prompt_tokens, time_hf
+from headsmith.runtime.bench import measure_bandwidth, prompt_tokens, time_engine, time_hf
 from headsmith.runtime.engine import engine_for
 
 
 def decode_rate(engine: Any, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
     """Prefill tokens/s (one run) and the best decode tokens/s of ``repeats`` runs from the same cache."""
-    b, c = ids.shape
-    mask = torch.ones_like(ids)
-    pos = torch.arange(c).unsqueeze(0).expand(b, c).contiguous()
-    start = time.perf_counter()
-    logits, cache = engine.prefill(ids, mask, pos)
-    prefill = time.perf_counter() - start
-    token = logits[:, -1].argmax(-1, keepdim=True)
-
-    def steps(token: torch.Tensor, cache: Any, t: int, n: int) -> tuple[torch.Tensor, Any]:
-        for i in range(n):
-            m = torch.ones(b, t + i + 1, dtype=torch.int64)
-            out, cache = engine.decode(token, m, torch.full((b, 1), t + i, dtype=torch.int64), cache)
-            token = out[:, -1].argmax(-1, keepdim=True)
-        return token, cache
-
-    token, cache = steps(token, cache, c, 2)  # warm-up (first-run allocations)
-    first = token
-    best = float("inf")
-    for _ in range(repeats):
-        cache.truncate(c + 2)
-        start = time.perf_counter()
-        _, cache = steps(first, cache, c + 2, new_tokens)
-        best = min(best, time.perf_counter() - start)
-    return {"prefill_tok_s": c * b / prefill, "decode_tok_s": new_tokens * b / best}
+    timing = time_engine(engine, ids, new_tokens, repeats)
+    return {"prefill_tok_s": timing.prefill_tok_s, "decode_tok_s": timing.decode_tok_s}
 
 
 def hf_rate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
