@@ -112,6 +112,39 @@ def test_tvm_cuda_cross_compile_builds_and_refuses_to_run_without_a_gpu() -> Non
         engine_for(read_artifact(path))
 
 
+def test_tvm_cuda_library_has_no_powf() -> None:
+    """CUDA's fast math computes ``powf(x, 2)`` as ``exp2(2 log2 x)``: NaN for negative x. RMSNorm's square
+    must be a product (seen on an H200: every logit NaN before the ``pow`` converter)."""
+    source = (tvm_artifact("llama", "cuda:sm_90") / "model.so").read_bytes()
+    assert b"__global__" in source  # the library carries its CUDA C++, compiled when it loads
+    assert b"powf" not in source
+
+
+def test_tvm_cuda_graph_matches_the_program_on_the_cpu() -> None:
+    """The CUDA lowering's prefill (Relax matmuls, composed attention, no packed CPU kernels), compiled for
+    the CPU instead, computes the program's logits: the GPU run differs only in its schedules."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from headsmith.backends.artifact import graph_weights
+    from headsmith.backends.tvm_backend import TvmTarget, build_module
+
+    program = tiny_program("llama")
+    mod, fields = build_module(program, TvmTarget.parse("cuda:sm_90"))
+    for gv in list(mod.functions):
+        if gv.name_hint.startswith("decode"):  # its cache write is a GPU-scheduled kernel
+            del mod[gv]
+    vm = VirtualMachine(tvm.compile(mod, target=tvm.target.Target("llvm")), tvm.cpu())
+    weights = graph_weights(program.gm)
+    params = vm["transform_params"]([tvm.runtime.tensor(weights[n].detach().contiguous().numpy()) for n in fields["params"]])
+    ids, pos, mask = program.example_inputs(1, 12, seed=3)
+    out = vm["prefill"](*[tvm.runtime.tensor(t.numpy()) for t in (ids, pos, mask)], *params)
+    import torch
+    logits = torch.from_numpy(out[0].numpy())
+    ref = program(ids, mask, pos)[:, -1:]
+    assert float((logits.reshape(ref.shape) - ref).abs().max()) <= 1e-4
+
+
 def engine_cuda_available() -> bool:
     import tvm
     return bool(tvm.cuda(0).exist)

@@ -202,7 +202,7 @@ class Converters:
     def table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"attention.default": self.attention, "attention_kv.default": self.attention_kv,
                                  "cache_point.default": lambda node, imp: imp.env[node.args[0]],
-                                 "to.device": self.to_device}
+                                 "to.device": self.to_device, "pow.Tensor_Scalar": self.power}
         if self.target.kind == "llvm":
             table["linear.default"] = self.linear
         return table
@@ -226,6 +226,24 @@ class Converters:
             return x
         return importer.block_builder.emit(
             relax.op.astype(x, BaseFXGraphImporter._convert_data_type(dtype, importer.env)))
+
+    def power(self, node: fx.Node, importer: Any) -> Any:
+        """``x ** c``: small integer exponents as products, 0.5 as a square root. Relax's ``power`` becomes
+        ``powf``, which CUDA's fast math computes as ``exp2(c * log2(x))``: NaN for every negative ``x``
+        (RMSNorm's ``x.pow(2)`` turned every logit into NaN on an H200)."""
+        from tvm import relax
+
+        bb = importer.block_builder
+        x, c = importer.env[node.args[0]], node.args[1]
+        if isinstance(c, (int, float)) and float(c) == int(c) and 1 <= int(c) <= 4:
+            out = x
+            for _ in range(int(c) - 1):
+                out = bb.emit(relax.op.multiply(out, x))
+            return out
+        if isinstance(c, (int, float)) and float(c) == 0.5:
+            return bb.emit(relax.op.sqrt(x))
+        exponent = relax.const(float(c), x.struct_info.dtype) if isinstance(c, (int, float)) else importer.env[c]
+        return bb.emit(relax.op.power(x, exponent))
 
     # -- linear (llvm): packed weights -------------------------------------------------------------
     def linear(self, node: fx.Node, importer: Any) -> Any:

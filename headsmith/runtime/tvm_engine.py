@@ -112,6 +112,40 @@ def aligned(t: Tensor) -> Tensor:
     return out
 
 
+def _load_cuda_runtime() -> None:
+    """TVM's CUDA runtime library: ``import tvm`` loads it, except in runtime-only mode
+    (``TVM_USE_RUNTIME_LIB=1``, a deployment without the 260 MB compiler library), where it is loaded here."""
+    from tvm.base import _LOADED_LIBS
+    if "tvm_runtime_cuda" in _LOADED_LIBS or "tvm_runtime" not in _LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", mode="RTLD_LOCAL",
+            extra_lib_paths=[Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent])
+    except (OSError, RuntimeError):  # no CUDA runtime here: tvm.cuda(0) then reports no device
+        pass
+
+
+def _register_cuda_compile(arch: str) -> None:
+    """A TVM CUDA library carries the CUDA C++ that TVM generated (no CUDA toolkit is needed to convert); the
+    runtime compiles it when the library loads, through the ``tvm_callback_cuda_compile`` hook. TVM's own hook
+    asks the compiler's current target for the arch, which a runtime-only TVM does not have: this one compiles
+    for the arch the manifest records (NVRTC through cuda-bindings, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc)."""
+    import os
+
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    mode = os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc").lower()
+
+    def compile_cuda(code: str) -> bytes:
+        return nvcc.compile_cuda(code, target_format="fatbin" if mode == "nvcc" else "cubin", arch=arch,
+                                 compiler=mode)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+
+
 def check_target(record: dict[str, Any], path: Path) -> Any:
     """The TVM device for ``record`` (the manifest's target) on this machine, or a BackendError."""
     import tvm
@@ -119,6 +153,7 @@ def check_target(record: dict[str, Any], path: Path) -> Any:
     kind = record.get("kind")
     spec = record.get("spec", kind)
     if kind == "cuda":
+        _load_cuda_runtime()
         dev = tvm.cuda(0)
         if not dev.exist:
             raise BackendError(f"artifact {path} was compiled for {spec}, but no CUDA GPU (or CUDA driver) is "
@@ -131,6 +166,7 @@ def check_target(record: dict[str, Any], path: Path) -> Any:
         if major != want[:-1] or int(minor or 0) < int(want[-1]):
             raise BackendError(f"artifact {path} was compiled for {arch}, but this GPU has compute capability "
                                f"{have}", f"convert again with --tvm-target cuda:sm_{major}{minor}")
+        _register_cuda_compile(arch)
         return dev
     if kind != "llvm":
         raise BackendError(f"artifact {path} has an unknown TVM target {record!r}", "re-run `headsmith convert`")
@@ -165,7 +201,7 @@ class TvmEngine:
     @staticmethod
     def from_artifact(artifact: Any, threads: int | None = None) -> TvmEngine:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # (not tvm.relax: the runtime-only TVM has no compiler)
 
         backend = artifact.manifest["backend"]
         device = check_target(backend.get("target", {}), artifact.path)
@@ -175,7 +211,7 @@ class TvmEngine:
         if threads is not None:
             tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
         try:
-            vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+            vm = VirtualMachine(tvm.runtime.load_module(str(library)), device)
         except Exception as e:  # TVM raises for a library its runtime cannot load
             raise BackendError(f"cannot load {library}: {str(e).strip().splitlines()[0][:300]}",
                                "convert again with this headsmith and TVM version") from e
