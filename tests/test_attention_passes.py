@@ -212,7 +212,32 @@ def test_hf_export_loads_with_from_pretrained(arch: str, tmp_path: Path) -> None
 def test_hf_export_refuses_what_the_architecture_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="has no grouped-query attention"):
         headsmith.convert(tiny_program("gpt2").apply("gqa(kv_heads=2)"), tmp_path / "a", options={"export": "hf"})
-    with pytest.raises(BackendError, match="latent \\(MLA\\) attention"):
-        headsmith.convert(tiny_program("llama").apply("mla(kv_fraction=0.5)"), tmp_path / "b",
+    qwen = tiny_program("qwen2").clone()
+    for name, tensor in list(qwen.gm.state_dict().items()):
+        if name.endswith("q_proj.bias"):
+            set_tensor(qwen.gm, name, torch.full_like(tensor, 0.1))
+    with pytest.raises(BackendError, match="DeepSeek-V3's q_proj has no bias"):
+        headsmith.convert(qwen.apply("mla(kv_fraction=0.5)"), tmp_path / "b", options={"export": "hf"})
+    with pytest.raises(BackendError, match="from Llama-family models"):
+        headsmith.convert(tiny_program("phi3").apply("mla(kv_fraction=0.5)"), tmp_path / "c",
                           options={"export": "hf"})
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+@pytest.mark.parametrize("spec", ["mla(kv_fraction=0.5)", "mla(kv_fraction=1.0)", "mla(rank=8, rope_dims=12)",
+                                  "mla(kv_fraction=0.5), heal(steps=2)"])
+def test_mla_exports_as_deepseek_v3(spec: str, tmp_path: Path) -> None:
+    """An mla program is written as a DeepSeek-V3 checkpoint whose logits are the program's (batch with padding;
+    layers keeping different rotary pairs, a pair kept twice, a healed program)."""
+    program = tiny_program("llama").apply(spec, PassContext(source=tiny_program("llama")))
+    headsmith.convert(program, tmp_path / "a", backend="torch", options={"export": "hf"})
+    hf_dir = tmp_path / "a" / "hf"
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["qk_nope_head_dim"] == 0
+    assert config["first_k_dense_replace"] == config["num_hidden_layers"] == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    ids, pos, mask = program.example_inputs(2, 19, pad=3)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert float((ref - program(ids, mask, pos))[mask.bool()].abs().max()) <= 1e-4
