@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--configs", default=None, help="comma-separated indices into CONFIGS to run (default: all)")
     ap.add_argument("--speed-only", action="store_true",
                     help="only re-measure decode speed of the artifacts an earlier run left in out/attn-*, "
                          "interleaved, best of 3, and append the table to --out")
@@ -76,7 +77,10 @@ def main() -> None:
              "decode": None if args.skip_speed else decode_speed(source, "source", args.context, args.new_tokens),
              "seconds": 0.0}]
     print(f"source perplexity {base:.2f}")
+    chosen = None if args.configs is None else {int(i) for i in args.configs.split(",")}
     for n, (spec, label, targeted) in enumerate(CONFIGS):
+        if chosen is not None and n not in chosen:
+            continue
         ctx = PassContext(verify=False, progress=print)
         start = time.perf_counter()
         converted = source.apply(spec, ctx)
