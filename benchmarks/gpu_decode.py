@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 PACK = ROOT / ".gpu"
 TINY = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -47,10 +49,10 @@ TINY = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hi
 
 # ---- prepare (this machine) ------------------------------------------------------------------------------
 def prepare(arch: str) -> None:
-    import torch
     import transformers
 
     import headsmith
+    from headsmith.backends.artifact import read_artifact
 
     if PACK.exists():
         shutil.rmtree(PACK)
@@ -66,8 +68,7 @@ def prepare(arch: str) -> None:
     with safe_open(str(smol / "weights.safetensors"), "pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     (dst / "weight_shapes.json").write_text(json.dumps(shapes))
-    loaded = headsmith.load("smollm2-135m")
-    (PACK / "smol_config.json").write_text(json.dumps(loaded.info.config))
+    (PACK / "smol_config.json").write_text(json.dumps(read_artifact(smol, verify=False).info.config))
 
     torch.manual_seed(0)
     tiny_hf = PACK / "tiny-hf"
@@ -101,7 +102,7 @@ def install_tvm_runtime() -> None:
     sys.path.insert(0, str(site))
 
 
-def read_bandwidth(torch: Any) -> float:
+def read_bandwidth() -> float:
     x = torch.ones(1 << 30, device="cuda")  # 4 GiB
     best = float("inf")
     for _ in range(10):
@@ -114,25 +115,14 @@ def read_bandwidth(torch: Any) -> float:
     return (1 << 32) / best / 1e9
 
 
-def hf_decode(torch: Any, model: Any, ids: Any, new_tokens: int, repeats: int) -> float:
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
-
-    def timed(n: int) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    best = 0.0
-    with torch.no_grad():
-        timed(2)
-        for _ in range(repeats):
-            best = max(best, new_tokens / max(timed(1 + new_tokens) - timed(1), 1e-9))
-    return best
+def hf_decode(model: Any, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Best HF ``generate()`` decode tokens/s of ``repeats`` runs (after a warm-up)."""
+    from headsmith.runtime.bench import time_hf
+    time_hf(model, ids, 1)
+    return max(time_hf(model, ids, new_tokens).decode_tok_s for _ in range(repeats))
 
 
-def fill_weights(art: Any, model: Any, torch: Any) -> None:
+def fill_weights(art: Any, model: Any) -> None:
     """The TVM artifact's weights := the HF model's (same names under the program's weight prefix)."""
     prefix = art.info.weight_prefix
     tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}  # inv_freq is not in state_dict
@@ -144,7 +134,7 @@ def fill_weights(art: Any, model: Any, torch: Any) -> None:
         art.weights[k] = state[k]
 
 
-def prefill_check(torch: Any, engine: Any, model: Any, ids: Any) -> float:
+def prefill_check(engine: Any, model: Any, ids: torch.Tensor) -> float:
     mask = torch.ones_like(ids)
     pos = torch.arange(ids.shape[1])[None]
     logits, _ = engine.prefill(ids, mask, pos)
@@ -161,7 +151,6 @@ def greedy(engine: Any, ids: list[int], n: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
     install_tvm_runtime()
-    import torch
     import transformers
 
     from headsmith.backends.artifact import read_artifact
@@ -181,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
                               "transformers": transformers.__version__,
                               "onnxruntime_providers": onnxruntime.get_available_providers()}
     print(json.dumps(result), flush=True)
-    result["read_bandwidth_gb_s"] = bw = read_bandwidth(torch)
+    result["read_bandwidth_gb_s"] = bw = read_bandwidth()
     print(f"read bandwidth {bw:.0f} GB/s", flush=True)
 
     # 1. parity on the tiny model
@@ -190,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(PACK / "tiny-hf").cuda().eval()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, TINY["vocab_size"], (1, 24), generator=g)
-    result["tiny_prefill_max_abs_diff"] = prefill_check(torch, engine, hf, prompt)
+    result["tiny_prefill_max_abs_diff"] = prefill_check(engine, hf, prompt)
     with torch.no_grad():
         ref = hf.generate(prompt.cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                           attention_mask=torch.ones_like(prompt).cuda(), pad_token_id=0)[0, 24:].tolist()
@@ -212,13 +201,13 @@ def run(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(smol_dir / "weights.safetensors"))
     art = read_artifact(smol_dir, verify=False)  # the weights are replaced below: no checksum to match
-    fill_weights(art, model, torch)
+    fill_weights(art, model)
     start = time.perf_counter()
     engine = engine_for(art)
     result["tvm_load_s"] = time.perf_counter() - start
     model = model.cuda()
     probe = prompt_tokens(art.tokenizer, 128, art.info.vocab_size)
-    result["smol_prefill_max_abs_diff"] = prefill_check(torch, engine, model, probe)
+    result["smol_prefill_max_abs_diff"] = prefill_check(engine, model, probe)
     print(f"smol prefill max |dlogit| vs HF: {result['smol_prefill_max_abs_diff']:.2e}", flush=True)
     bf16 = transformers.LlamaForCausalLM(config).to(torch.bfloat16).cuda().eval()
     bf16.load_state_dict(model.state_dict())
@@ -233,8 +222,8 @@ def run(args: argparse.Namespace) -> None:
             row.update(tvm_decode_tok_s=timing.decode_tok_s, tvm_prefill_tok_s=timing.prefill_tok_s)
         except Exception as e:  # a failure at one context is reported, the others still run
             row["tvm_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        row["hf_fp32_decode_tok_s"] = hf_decode(torch, model, ids.cuda(), args.new_tokens, args.repeats)
-        row["hf_bf16_decode_tok_s"] = hf_decode(torch, bf16, ids.cuda(), args.new_tokens, args.repeats)
+        row["hf_fp32_decode_tok_s"] = hf_decode(model, ids, args.new_tokens, args.repeats)
+        row["hf_bf16_decode_tok_s"] = hf_decode(bf16, ids, args.new_tokens, args.repeats)
         row["bound_tok_s"] = bw * 1e9 / (weight_bytes + kv * c)
         for key in ("tvm", "hf_fp32"):
             if f"{key}_decode_tok_s" in row:

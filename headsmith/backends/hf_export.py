@@ -202,8 +202,7 @@ def deepseek_checkpoint(program: Program) -> tuple[dict[str, Any], dict[str, Ten
     n_slots = len(slot_pair)
     rope_dims = 2 * n_slots
     rank = max(int(p["latent"].shape[0]) for p in parts.values())
-    alpha_dim = rank  # the constant channel, after the latent
-    lora = rank + 1
+    lora = rank + 1  # the latent, then the constant channel
     # v_head_dim: the largest numerical rank of a head's (absorbed) output projection
     splits: dict[int, list[tuple[Tensor, Tensor]]] = {}
     v_dim = 1
@@ -244,7 +243,7 @@ def deepseek_checkpoint(program: Program) -> tuple[dict[str, Any], dict[str, Ten
         gain = float(state[f"model.layers.{layer}.input_layernorm.weight"].abs().max())
         bound = float(torch.linalg.matrix_norm(p["latent"], 2)) * hidden ** 0.5 * gain + float(bias[:r].norm())
         alpha = 1e4 * max(bound, 1.0)
-        bias[alpha_dim] = alpha
+        bias[rank] = alpha
         kv_b = torch.zeros(heads, v_dim, lora, dtype=torch.float64)
         o_proj = torch.zeros(hidden, heads, v_dim, dtype=torch.float64)
         for h, (left, right) in enumerate(splits[layer]):
@@ -258,12 +257,11 @@ def deepseek_checkpoint(program: Program) -> tuple[dict[str, Any], dict[str, Ten
         out[pre + "o_proj.weight"] = o_proj.reshape(hidden, -1).float()
         out[pre + "o_proj.bias"] = torch.zeros(hidden)
     theta = float(rope.get("rope_theta", text.get("rope_theta", 1e4)))
-    freqs = inv_freq[torch.tensor(slot_pair)]
     if slot_pair == list(range(inv_freq.numel())):
         rope_out = rope  # every source pair once, in order: the source's own RoPE
     else:
         shape = torch.arange(0, rope_dims, 2, dtype=torch.float64) / rope_dims
-        factors = (1.0 / (freqs * theta ** shape)).tolist()
+        factors = (1.0 / (inv_freq[torch.tensor(slot_pair)] * theta ** shape)).tolist()
         rope_out = {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors,
                     "factor": 1.0, "attention_factor": 1.0,
                     "original_max_position_embeddings": int(text.get("max_position_embeddings", 2048))}

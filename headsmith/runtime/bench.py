@@ -87,16 +87,22 @@ def time_engine(engine: Engine, ids: torch.Tensor, new_tokens: int, repeats: int
 
 
 def time_hf(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> Timing:
-    mask = torch.ones_like(ids)
-    kwargs = {"attention_mask": mask, "do_sample": False, "pad_token_id": 0}
+    """HF ``generate()`` on ``model``'s device (CUDA work is synchronised before each clock read)."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+
+    def timed(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)  # type: ignore[attr-defined]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)  # type: ignore[attr-defined]
-        one = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1 + new_tokens, min_new_tokens=1 + new_tokens,  # type: ignore[attr-defined]
-                       **kwargs)
-        many = time.perf_counter() - start
+        one, many = timed(1), timed(1 + new_tokens)
     return Timing(ids.numel() / one, new_tokens * ids.shape[0] / max(many - one, 1e-9))
 
 
