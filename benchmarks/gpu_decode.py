@@ -91,6 +91,9 @@ def prepare(arch: str) -> None:
 
 # ---- run (the GPU machine) -------------------------------------------------------------------------------
 def install_tvm_runtime() -> None:
+    if not (PACK / "tvm_runtime.tar.gz").exists():
+        raise SystemExit(f"{PACK} is missing or incomplete: run `python benchmarks/gpu_decode.py prepare` first "
+                         "and carry .gpu to the GPU machine")
     site = Path("/tmp/site")
     if not (site / "tvm").exists():
         site.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ decode, with the value up-projection folded into ``o_proj``)::
   every split is cheap to build; each candidate layer is run on calibration rows and the split with the
   smallest relative error of the layer's attention output is kept (a coarse sweep, then its neighbourhood).
   On SmolLM2-135M at 50% this took the untrained perplexity from 3.0x to 1.7x the source's (half/half split
-  before), and at 25% from 164x to 4.5x; layers chose 80-178 rotary dims of 192.
+  before), and at 25% from 164x to 4.5x; layers chose 78-178 rotary dims of 192.
 - **Output refit.** Below full size, ``o_proj`` (with the value up-projection absorbed) is refit by ridge least
   squares to the source layer's output given the converted layer's latent attention on all calibration rows,
   so it also absorbs part of the key error (kept only if the error drops). SmolLM2-135M at 50%: 25.35 → 24.72
