@@ -29,7 +29,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "attention_mask_bias"]
+__all__ = ["attention", "attention_bias_kv", "attention_bias_kv_bsd", "attention_mask_bias", "rms_norm",
+           "rotary"]
 
 
 def attention_mask_bias(key_mask: Tensor | None, tq: int, tk: int, causal: bool, window: int,
@@ -151,3 +152,97 @@ def _attention_kv_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, p
     v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
     out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
     return out, torch.empty_like(k_all), torch.empty_like(v_all)
+
+
+# --- lowering forms: fused ops that backends emit as single kernels (see headsmith/backends/onnx_fusions.py) ---
+
+@torch.library.custom_op("headsmith::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * x / sqrt(mean(x**2, -1) + eps)`` (ONNX ``RMSNormalization``, opset 23)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("headsmith::rotary", mutates_args=())
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int = 0) -> Tensor:
+    """Rotary embedding in the "rotate half" layout (ONNX ``RotaryEmbedding``, opset 23, non-interleaved):
+    ``x[B,H,T,D]`` (``num_heads == 0``) or ``x[B,T,H*D]`` (``num_heads == H``), ``cos``/``sin`` ``[B,T,D/2]``;
+    ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` per head."""
+    flat = num_heads > 0
+    if flat:
+        b, t, hd = x.shape
+        x = x.reshape(b, t, num_heads, hd // num_heads).transpose(1, 2)
+    half = x.shape[-1] // 2
+    c = torch.cat([cos, cos], -1).unsqueeze(1)
+    s = torch.cat([sin, sin], -1).unsqueeze(1)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    out = x * c + rotated * s
+    return out.transpose(1, 2).reshape(b, t, hd) if flat else out
+
+
+@rotary.register_fake
+def _rotary_fake(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int = 0) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("headsmith::attention_bias_kv", mutates_args=())
+def attention_bias_kv(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+                      bias: Tensor | None, scale: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``attention_kv`` with the mask given as an additive ``bias[B|1, 1, Tq, Tk]`` (built once per graph and
+    shared by every layer with the same mask) instead of ``key_mask``/``causal``/``window``/``sinks``.
+    ``scale`` must be explicit (> 0). Returns ``(out, present_k, present_v)``."""
+    k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
+    v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+    rep = q.shape[1] // k.shape[1]
+    k_rep = k_all.repeat_interleave(rep, dim=1) if rep > 1 else k_all
+    v_rep = v_all.repeat_interleave(rep, dim=1) if rep > 1 else v_all
+    scores = torch.matmul(q, k_rep.transpose(-1, -2)) * scale
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    out = torch.matmul(torch.softmax(scores, dim=-1), v_rep)
+    return out, k_all.clone(), v_all.clone()
+
+
+@attention_bias_kv.register_fake
+def _attention_bias_kv_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+                            bias: Tensor | None, scale: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
+    v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    return out, torch.empty_like(k_all), torch.empty_like(v_all)
+
+
+@torch.library.custom_op("headsmith::attention_bias_kv_bsd", mutates_args=())
+def attention_bias_kv_bsd(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+                          bias: Tensor | None, scale: float, n_heads: int,
+                          n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal ``attention_bias_kv`` (no softcap) on flattened heads, the layout of onnxruntime's
+    ``GroupQueryAttention`` (the causal mask is in ``bias`` as well):
+    ``q[B,T,Hq*D]``, ``k[B,T,Hkv*D]``, ``v[B,T,Hkv*Dv]`` -> ``(out[B,T,Hq*Dv], present_k[B,Hkv,P+T,D],
+    present_v[B,Hkv,P+T,Dv])``; the caches keep the ``[B,H,T,D]`` layout."""
+    b, t = q.shape[0], q.shape[1]
+
+    def heads(x: Tensor, n: int) -> Tensor:
+        return x.reshape(b, t, n, x.shape[-1] // n).transpose(1, 2)
+
+    out, pk, pv = attention_bias_kv(heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads), past_k, past_v,
+                                    bias, scale, 0.0)
+    return out.transpose(1, 2).reshape(b, t, -1), pk, pv
+
+
+@attention_bias_kv_bsd.register_fake
+def _attention_bias_kv_bsd_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+                                bias: Tensor | None, scale: float, n_heads: int,
+                                n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    b, t = q.shape[0], q.shape[1]
+    d, dv = k.shape[-1] // n_kv_heads, v.shape[-1] // n_kv_heads
+    past = 0 if past_k is None else past_k.shape[2]
+    pk = k.new_empty((b, n_kv_heads, past + t, d))
+    pv = v.new_empty((b, n_kv_heads, past + t, dv))
+    return q.new_empty((b, t, n_heads * dv)), pk, pv

@@ -26,6 +26,7 @@ from ..program import Program
 from ..sites import ATTENTION
 
 OPSET = 20
+FUSED_OPSET = 23  # RMSNormalization and RotaryEmbedding (see onnx_fusions.py)
 NEG = -3.4028234663852886e38  # most negative float32: masked scores (softmax never sees -inf)
 
 
@@ -98,6 +99,66 @@ def _plain_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any 
     """``headsmith.attention_kv`` as ``Concat`` + the plain attention."""
     k_all, v_all = _concat_or(past_k, k), _concat_or(past_v, v)
     out = _plain_attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer)
+    return out, k_all, v_all
+
+
+def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """``headsmith.rms_norm`` as ONNX ``RMSNormalization`` (opset 23)."""
+    from onnxscript import opset23 as op
+    return op.RMSNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
+
+
+def _rotary(x: Any, cos: Any, sin: Any, num_heads: int = 0) -> Any:
+    """``headsmith.rotary`` as ONNX ``RotaryEmbedding`` (opset 23): ``x[B,H,T,D]`` or ``x[B,T,H*D]``
+    (``num_heads``), caches ``[B,T,D/2]``."""
+    from onnxscript import opset23 as op
+    if num_heads:
+        return op.RotaryEmbedding(x, cos, sin, interleaved=0, num_heads=num_heads)
+    return op.RotaryEmbedding(x, cos, sin, interleaved=0)
+
+
+def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, bias: Any = None,
+                      scale: float = 1.0, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+    """``headsmith.attention_bias_kv_bsd`` (causal) as onnxruntime's ``com.microsoft.GroupQueryAttention``:
+    3-D ``q/k/v`` as the projections produce them, the shared mask (causal, window, sinks, padding) as
+    ``attention_bias``, ``seqlens_k = P+T-1`` from the mask's length. GQA appends the new K/V itself; when the
+    runtime binds one buffer as both past and present, it writes them in place (no copy of the cache)."""
+    from onnxscript import opset20 as op
+
+    msft = gqa_opset()
+    batch = op.Shape(bias, start=0, end=1)  # from the shared bias, so every layer's copy of this is merged
+    total = op.Shape(bias, start=3, end=4)
+    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
+    total32 = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
+    return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, None, None, None, bias, _outputs=3,
+                                    num_heads=n_heads, kv_num_heads=n_kv_heads, scale=scale, local_window_size=-1)
+
+
+def _bias_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, bias: Any = None,
+                       scale: float = 1.0, softcap: float = 0.0) -> Any:
+    """``headsmith.attention_bias_kv`` with static head counts: ``q[B,Hq,T,D]`` is reshaped (no copy) to
+    ``[B,Hkv,rep*T,D]`` so each KV head is read once; the shared ``bias[B|1,1,T,Tk]`` is tiled to ``rep*T``
+    rows (the same node in every layer with the same grouping, which onnxruntime's CSE merges)."""
+    from onnxscript import opset23 as op
+
+    hq, d = q.shape[1], q.shape[3]
+    hkv, dv = k.shape[1], v.shape[3]
+    if not all(isinstance(n, int) for n in (hq, d, hkv, dv)):
+        raise BackendError("attention_bias_kv needs static head counts and head dims")
+    rep = hq // hkv
+    k_all, v_all = _concat_or(past_k, k), _concat_or(past_v, v)
+    q = op.Mul(q, op.Constant(value_float=scale))
+    q_g = op.Reshape(q, op.Constant(value_ints=[0, hkv, -1, d])) if rep > 1 else q
+    scores = op.MatMul(q_g, op.Transpose(k_all, perm=[0, 1, 3, 2]))  # [B,Hkv,rep*T,Tk]
+    if softcap > 0.0:
+        scores = op.Mul(op.Tanh(op.Mul(scores, op.Constant(value_float=1.0 / softcap))),
+                        op.Constant(value_float=softcap))
+    if bias is not None:
+        scores = op.Add(scores, op.Tile(bias, op.Constant(value_ints=[1, 1, rep, 1])) if rep > 1 else bias)
+    probs = op.Softmax(scores, axis=-1)
+    out = op.MatMul(probs, v_all)  # [B,Hkv,rep*T,Dv]
+    if rep > 1:
+        out = op.Reshape(out, op.Constant(value_ints=[0, hq, -1, dv]))
     return out, k_all, v_all
 
 
@@ -271,9 +332,11 @@ def fuse_parallel_linears(gm: fx.GraphModule) -> int:
                 args = (x, w_node, add_weight(gm, graph, f"{linears[0].args[2].target}_fused",  # type: ignore[union-attr]
                                                torch.cat(biases, 0), first))  # type: ignore[arg-type]
             fused = graph.call_function(aten.linear.default, args)
-            parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
-        with graph.inserting_after(parts):
-            items = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(linears))][::-1]
+        # one static Slice per part (a split would export as SplitToSequence + SequenceAt)
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        with graph.inserting_after(fused):
+            items = [graph.call_function(aten.slice.Tensor, (fused, -1, bounds[i], bounds[i + 1]))
+                     for i in range(len(linears))][::-1]
         for item, node in zip(reversed(items), linears):
             item.meta = dict(node.meta)
             node.replace_all_uses_with(item)
@@ -304,19 +367,27 @@ DEFAULT_VARIANT = "plain"
 
 def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple[Any, ...], path: Path,
                  input_names: list[str], output_names: list[str], variant: str = DEFAULT_VARIANT,
-                 optimize: bool = False) -> None:
+                 optimize: bool = False, fuse: bool = False) -> None:
     """Export one graph to ``path`` (with its weights in ``path.name + '.data'``)."""
     from ..fxutil import clone_module
 
     gm = clone_module(gm)
     fuse_kv_attention(gm)
     fuse_parallel_linears(gm)
+    opset = OPSET
+    if fuse and variant == "plain":
+        from .onnx_fusions import fuse_for_ort
+        fuse_for_ort(gm)
+        opset = FUSED_OPSET
     ep = _export(gm, example, dynamic)
-    table = {ATTENTION: _plain_attention, torch.ops.headsmith.attention_kv.default: VARIANTS[variant]}
+    table = {ATTENTION: _plain_attention, torch.ops.headsmith.attention_kv.default: VARIANTS[variant],
+             torch.ops.headsmith.rms_norm.default: _rms_norm, torch.ops.headsmith.rotary.default: _rotary,
+             torch.ops.headsmith.attention_bias_kv.default: _bias_attention_kv,
+             torch.ops.headsmith.attention_bias_kv_bsd.default: _bsd_attention_kv}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            onnx_program = torch.onnx.export(ep, dynamo=True, opset_version=OPSET, input_names=input_names,
+            onnx_program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=input_names,
                                              output_names=output_names, optimize=optimize, verbose=False,
                                              custom_translation_table=table)
         except Exception as e:  # torch.onnx raises many error types; report the first line, keep the cause
@@ -327,12 +398,19 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
 
 
 def name_dims(path: Path, dynamic: tuple[Any, ...], input_names: list[str]) -> None:
-    """Give the dynamic dims of the saved model the names of their ``Dim`` (``batch``, ``past``, ...)."""
+    """Give the dynamic dims of the saved model the names of their ``Dim`` (``batch``, ``past``, ...), and drop
+    the unused optional ``qk_matmul_output`` of ``Attention`` nodes."""
     import re
 
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    trimmed = 0
+    for node in model.graph.node:  # optional trailing outputs nobody reads are not computed by onnxruntime
+        while node.op_type == "Attention" and len(node.output) > 3 and node.output[-1] not in used:
+            node.output.pop()
+            trimmed += 1
     rename: dict[str, str] = {}
     inputs = {i.name: i for i in model.graph.input}
     for name, spec in zip(input_names, dynamic):
@@ -344,6 +422,8 @@ def name_dims(path: Path, dynamic: tuple[Any, ...], input_names: list[str]) -> N
             if axis < len(dims) and dims[axis].dim_param:
                 rename[dims[axis].dim_param] = getattr(dim, "__name__", str(dim))
     if not rename:
+        if trimmed:
+            onnx.save(model, str(path))
         return
     pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(rename, key=len, reverse=True)) + r")\b")
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
@@ -409,8 +489,12 @@ def decode_dynamic(n_past: int) -> tuple[Any, ...]:
 
 
 def lower_onnx(program: Program, directory: Path, progress: Any = None,
-               variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
-    """Write ``model.onnx`` (encoders) or ``prefill.onnx`` + ``decode.onnx`` into ``directory``."""
+               variant: str = DEFAULT_VARIANT, fuse: bool = True) -> dict[str, Any]:
+    """Write ``model.onnx`` (encoders) or ``prefill.onnx`` + ``decode.onnx`` into ``directory``.
+
+    ``fuse`` (the plain variant only) applies onnx_fusions.py's rewrites and exports opset 23
+    (``RMSNormalization``, ``RotaryEmbedding``); without it the graphs use opset-20 ops only.
+    """
     import onnx
 
     from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
@@ -432,7 +516,7 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
     cache_names = [e.name.replace(".", "_") for e in entries]
     _say(progress, "exporting prefill.onnx")
     export_graph(pre, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "prefill.onnx", inputs,
-                 ["logits", *[f"present_{n}" for n in cache_names]], variant)
+                 ["logits", *[f"present_{n}" for n in cache_names]], variant, fuse=fuse)
     with torch.no_grad():
         cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
     ids2, pos2 = ids[:, :3].contiguous(), pos[:, :3] + 8
@@ -440,12 +524,29 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
     _say(progress, "exporting decode.onnx")
     export_graph(dec, (ids2, pos2, mask2, *cache), decode_dynamic(len(cache)), directory / "decode.onnx",
                  inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
-                 variant)
+                 variant, fuse=fuse)
     share_weights(directory / "prefill.onnx", directory / "decode.onnx")
     for name in ("prefill.onnx", "decode.onnx"):
         onnx.checker.check_model(str(directory / name), full_check=False)
-    return {"name": "onnx", "attention": variant, "opset": OPSET, "prefill": "prefill.onnx",
+    opset = FUSED_OPSET if fuse and variant == "plain" else OPSET
+    gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
+    return {"name": "onnx", "attention": variant, "opset": opset, "fused": opset == FUSED_OPSET,
+            "gqa_layers": gqa_layers, "kv_in_place": in_place, "prefill": "prefill.onnx",
             "decode": "decode.onnx", "cache": layout_dict(entries)}
+
+
+def _gqa_presents(path: Path) -> tuple[int, bool]:
+    """How many ``GroupQueryAttention`` nodes the decode graph has, and whether every ``present_*`` output
+    comes straight from one (then the runtime may bind one buffer as past and present: in-place KV)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    gqa = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    presents = [o.name for o in model.graph.output if o.name.startswith("present_")]
+    in_place = bool(presents) and all(
+        o in producer and producer[o].op_type == "GroupQueryAttention" for o in presents)
+    return gqa, in_place
 
 
 def _say(progress: Any, text: str) -> None:

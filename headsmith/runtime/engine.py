@@ -141,8 +141,13 @@ class OrtEngine:
         key = "forward" if "forward" in self.backend else "decode"
         return list(self.session(key).get_providers())
 
+    @property
+    def in_place(self) -> bool:
+        """The decode graph appends to one shared buffer per cache entry (see kv_cache.py)."""
+        return bool(self.backend.get("kv_in_place"))
+
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
-        return KVCache(self.cache_specs, batch, capacity)
+        return KVCache(self.cache_specs, batch, capacity, in_place=self.in_place)
 
     def _run(self, key: str, feeds: dict[str, np.ndarray], outputs: list[tuple[str, np.ndarray]]) -> None:
         sess = self.session(key)
@@ -157,17 +162,24 @@ class OrtEngine:
         b, t = input_ids.shape
         cache = self.new_cache(b, capacity=max(256, 2 * t))
         logits = np.empty((b, 1, self.info.vocab_size), dtype=np.float32)
-        presents = cache.present_views(t)
         names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
+        if cache.in_place:  # the prefill graph returns compact presents: copy them into the buffers once
+            presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs]
+        else:
+            presents = cache.present_views(t)
         self._run("prefill", _feeds(input_ids, position_ids, attention_mask),
                   [("logits", logits), *zip(names, presents)])
-        cache.commit(t)
+        if cache.in_place:
+            cache.store(presents)
+        else:
+            cache.commit(t)
         return torch.from_numpy(logits), cache
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: KVCache) -> tuple[Tensor, Any]:
         b, t = input_ids.shape
-        if self.backend.get("attention") == "gqa" and b > 1 and t > 1 and cache.length > 0:
+        if (self.backend.get("attention") == "gqa" or self.backend.get("gqa_layers")) and b > 1 and t > 1 \
+                and cache.length > 0:
             # onnxruntime's GroupQueryAttention takes several new tokens with a past only for batch 1:
             # run them one at a time (same result)
             p = attention_mask.shape[1] - t
@@ -177,11 +189,11 @@ class OrtEngine:
                                             position_ids[:, i:i + 1], cache)
                 pieces.append(logits)
             return torch.cat(pieces, 1), cache
+        presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
         feeds = _feeds(input_ids, position_ids, attention_mask)
         for spec, past in zip(cache.specs, cache.past()):
             feeds[f"past_{spec.name.replace('.', '_')}"] = past
         logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
-        presents = cache.present_views(t)
         names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
         self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
         cache.commit(t)
@@ -192,7 +204,9 @@ class OrtEngine:
             out = self.session("forward").run(None, {k: v for k, v in _feeds(input_ids, position_ids,
                                                                              attention_mask).items()})
             return torch.from_numpy(out[0])
-        logits, _ = self.decode(input_ids, attention_mask, position_ids, self.new_cache(input_ids.shape[0], 1))
+        # an empty ping-pong cache: the graph sees a past of length 0 (a prompt), whatever its cache mode
+        empty = KVCache(self.cache_specs, input_ids.shape[0], 1)
+        logits, _ = self.decode(input_ids, attention_mask, position_ids, empty)
         return logits
 
 
