@@ -215,8 +215,9 @@ def convert(
         "--export", help="Also write a checkpoint other tools load: 'hf' (transformers from_pretrained), into OUT/hf."
     )] = None,
     onnx_attention: Annotated[str | None, typer.Option(
-        "--onnx-attention", help="ONNX attention lowering: plain (standard ops, default) or gqa (onnxruntime's "
-        "GroupQueryAttention contrib op).")] = None,
+        "--onnx-attention", help="ONNX lowering: fused (default: RMSNorm/rotary as opset-23 ops, causal attention as "
+        "onnxruntime's GroupQueryAttention with an in-place KV cache), plain (opset-20 standard ops only) or gqa "
+        "(plain with GroupQueryAttention).")] = None,
     tvm_target: Annotated[str | None, typer.Option(
         "--tvm-target", help="TVM target: llvm (this CPU, default), llvm:<cpu> (e.g. llvm:x86-64-v3), "
         "cuda:sm_80 or cuda:sm_90 (cross-compiled).")] = None,

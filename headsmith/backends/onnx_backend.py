@@ -361,13 +361,15 @@ def _split_cat(node: Any) -> tuple[Any, Any]:
     return node, None
 
 
-VARIANTS = {"plain": _plain_attention_kv, "gqa": _gqa_attention_kv}
-DEFAULT_VARIANT = "plain"
+#: ``fused``: onnx_fusions.py's rewrites, opset 23 and GroupQueryAttention for causal layers (onnxruntime);
+#: ``plain``: opset-20 standard ops only (portable; what TensorRT parses); ``gqa``: plain + GroupQueryAttention.
+VARIANTS = {"fused": _plain_attention_kv, "plain": _plain_attention_kv, "gqa": _gqa_attention_kv}
+DEFAULT_VARIANT = "fused"
 
 
 def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple[Any, ...], path: Path,
                  input_names: list[str], output_names: list[str], variant: str = DEFAULT_VARIANT,
-                 optimize: bool = False, fuse: bool = False) -> None:
+                 optimize: bool = False) -> None:
     """Export one graph to ``path`` (with its weights in ``path.name + '.data'``)."""
     from ..fxutil import clone_module
 
@@ -375,7 +377,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
     fuse_kv_attention(gm)
     fuse_parallel_linears(gm)
     opset = OPSET
-    if fuse and variant == "plain":
+    if variant == "fused":
         from .onnx_fusions import fuse_for_ort
         fuse_for_ort(gm)
         opset = FUSED_OPSET
@@ -489,12 +491,9 @@ def decode_dynamic(n_past: int) -> tuple[Any, ...]:
 
 
 def lower_onnx(program: Program, directory: Path, progress: Any = None,
-               variant: str = DEFAULT_VARIANT, fuse: bool = True) -> dict[str, Any]:
-    """Write ``model.onnx`` (encoders) or ``prefill.onnx`` + ``decode.onnx`` into ``directory``.
-
-    ``fuse`` (the plain variant only) applies onnx_fusions.py's rewrites and exports opset 23
-    (``RMSNormalization``, ``RotaryEmbedding``); without it the graphs use opset-20 ops only.
-    """
+               variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
+    """Write ``model.onnx`` (encoders) or ``prefill.onnx`` + ``decode.onnx`` into ``directory`` (``variant``:
+    see ``VARIANTS``)."""
     import onnx
 
     from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
@@ -510,13 +509,14 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
         export_graph(program.gm, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "model.onnx", inputs,
                      ["last_hidden_state"], variant)
         onnx.checker.check_model(str(directory / "model.onnx"), full_check=False)
-        return {"name": "onnx", "attention": variant, "opset": OPSET, "forward": "model.onnx", "cache": []}
+        return {"name": "onnx", "attention": variant, "opset": FUSED_OPSET if variant == "fused" else OPSET,
+                "forward": "model.onnx", "cache": []}
     pre, entries = prefill_graph(program)
     dec, _ = decode_graph(program)
     cache_names = [e.name.replace(".", "_") for e in entries]
     _say(progress, "exporting prefill.onnx")
     export_graph(pre, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "prefill.onnx", inputs,
-                 ["logits", *[f"present_{n}" for n in cache_names]], variant, fuse=fuse)
+                 ["logits", *[f"present_{n}" for n in cache_names]], variant)
     with torch.no_grad():
         cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
     ids2, pos2 = ids[:, :3].contiguous(), pos[:, :3] + 8
@@ -524,14 +524,13 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
     _say(progress, "exporting decode.onnx")
     export_graph(dec, (ids2, pos2, mask2, *cache), decode_dynamic(len(cache)), directory / "decode.onnx",
                  inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
-                 variant, fuse=fuse)
+                 variant)
     share_weights(directory / "prefill.onnx", directory / "decode.onnx")
     for name in ("prefill.onnx", "decode.onnx"):
         onnx.checker.check_model(str(directory / name), full_check=False)
-    opset = FUSED_OPSET if fuse and variant == "plain" else OPSET
+    opset = FUSED_OPSET if variant == "fused" else OPSET
     gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
-    return {"name": "onnx", "attention": variant, "opset": opset, "fused": opset == FUSED_OPSET,
-            "gqa_layers": gqa_layers, "kv_in_place": in_place, "prefill": "prefill.onnx",
+    return {"name": "onnx", "attention": variant, "opset": opset, "gqa_layers": gqa_layers, "kv_in_place": in_place, "prefill": "prefill.onnx",
             "decode": "decode.onnx", "cache": layout_dict(entries)}
 
 

@@ -331,12 +331,16 @@ def flatten_attention_heads(gm: fx.GraphModule) -> int:
     takes the tensors as the projections produce them. The caches keep their ``[B,H,T,D]`` layout."""
     graph = gm.graph
     count = 0
+    # a graph with cache inputs (decode) whose attention got no past concatenates its cache elsewhere
+    has_cache_inputs = any(n.op == "placeholder" and n.name.startswith("past_") for n in graph.nodes)
     for node in [n for n in graph.nodes if is_call(n, ATTENTION_BIAS_KV)]:
         q, k, v, past_k, past_v, bias, scale, softcap = node.args
         qs, ks, vs = _val_shape(q), _val_shape(k), _val_shape(v)
         if softcap or not node.meta.get("headsmith_causal") or qs is None or ks is None or vs is None or \
                 not all(isinstance(n, int) for n in (qs[1], qs[3], ks[1], vs[3])):
             continue
+        if past_k is None and has_cache_inputs:  # keys built from a cache outside the op (a KV cache gathered
+            continue                             # after concatenation, an MLA latent): GQA cannot take them
         hq, hkv = int(qs[1]), int(ks[1])
         q3, k3, v3 = (_as_bsd(graph, x, h, node) for x, h in ((q, hq), (k, hkv), (v, hkv)))
         with graph.inserting_before(node):
