@@ -17,6 +17,9 @@ def artifact(model: str, backend: str, passes: str = "", name: str | None = None
              options: dict[str, Any] | None = None) -> Path:
     """Convert ``model`` once into ``out/<name>`` and reuse it afterwards (the manifest records what it is)."""
     path = OUT / (name or f"{model}-{backend}")
+    if backend == "onnx" and "attention" not in (options or {}):  # rebuild artifacts of an older default lowering
+        from headsmith.backends.onnx_backend import DEFAULT_VARIANT
+        options = {**(options or {}), "attention": DEFAULT_VARIANT}
     manifest = path / "manifest.json"
     if manifest.exists() and not rebuild:
         recorded = json.loads(manifest.read_text())

@@ -9,7 +9,8 @@ and ``--repeats`` timed runs of ``--new-tokens`` greedy single-token steps, each
 cache (truncated back); the best run is reported, since the machine is shared. ``hf`` is HF transformers
 ``generate()`` (decode timed as the difference to a one-token generate, best of the repeats); ``torch`` is
 headsmith's torch engine. Engines are measured interleaved per context, so a burst of load from elsewhere
-hits all of them. Target (issue 4): TVM decode within 1.5x of ONNX at 512 context (``vs ONNX`` >= 0.67).
+hits all of them; each engine starts after a second of rest (thread pools that spin after work would
+otherwise take the next engine's cores). Target (issue 4): TVM decode within 1.5x of ONNX at 512 context (``vs ONNX`` >= 0.67).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from headsmith.runtime.bench import measure_bandwidth, prompt_tokens, time_engin
 from headsmith.runtime.engine import engine_for
 
 
+#: seconds of rest before each engine, so the thread pools of the one measured before (onnxruntime, OpenMP,
+#: TVM spin while waiting for work) have gone to sleep and do not take this one's cores
+PAUSE_S = 1.0
+
+
 def decode_rate(engine: Any, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
     """Prefill tokens/s (one run) and the best decode tokens/s of ``repeats`` runs from the same cache."""
     timing = time_engine(engine, ids, new_tokens, repeats)
@@ -35,8 +41,8 @@ def decode_rate(engine: Any, ids: torch.Tensor, new_tokens: int, repeats: int) -
 
 
 def hf_rate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
-    runs = [time_hf(model, ids, new_tokens) for _ in range(repeats)]
-    return {"prefill_tok_s": max(r.prefill_tok_s for r in runs), "decode_tok_s": max(r.decode_tok_s for r in runs)}
+    timing = time_hf(model, ids, new_tokens, repeats)
+    return {"prefill_tok_s": timing.prefill_tok_s, "decode_tok_s": timing.decode_tok_s}
 
 
 def main() -> None:
@@ -74,6 +80,7 @@ def main() -> None:
         ids = prompt_tokens(tokenizer, c, vocab)
         for name, engine in engines.items():
             print(f"context {c}: {name}", flush=True)
+            time.sleep(PAUSE_S)
             if name == "hf":
                 rate = hf_rate(engine, ids, args.new_tokens, args.repeats)
             else:

@@ -1,10 +1,20 @@
 """ONNX backend: export the prefill / decode graphs (or an encoder's forward) to ONNX for onnxruntime.
 
-``torch.onnx.export(..., dynamo=True)`` (opset 20) with a translation for ``headsmith.attention`` into
-standard ONNX ops. GQA without copying K/V: ``q[B,Hq,T,D]`` is reshaped to ``[B,Hkv,n*T,D]`` so each KV
-head is read once; scores get the mask as an additive bias built from ``Range``/``Less``/``Where`` (causal,
-window, sinks, key padding), then ``Softmax`` and ``MatMul``. (The standard ``Attention`` op of opset 23
-was tried: onnxruntime 1.32's CPU kernel returned wrongly shaped outputs for 4-D inputs, see docs/onnx.md.)
+``torch.onnx.export(..., dynamo=True)`` with translations for headsmith's ops. Three lowerings (``VARIANTS``):
+
+- ``fused`` (default, for onnxruntime): onnx_fusions.py rewrites the graph first, so a decode step is a few
+  large nodes: ``RMSNormalization`` and ``RotaryEmbedding`` (ONNX opset 23), one additive mask built once per
+  graph, and every causal attention as onnxruntime's ``com.microsoft.GroupQueryAttention`` on the 3-D
+  projections. When every cache entry is appended by a GQA node the manifest says ``kv_in_place`` and the
+  runtime binds one buffer per entry as both past and present: a step writes its new K/V in place instead of
+  copying the cache (see runtime/kv_cache.py). Other attention (bidirectional, softcap, a cache gathered
+  outside the op) keeps the plain translation below.
+- ``plain``: standard opset-20 ops only (what the TensorRT backend parses). GQA without copying K/V:
+  ``q[B,Hq,T,D]`` is reshaped to ``[B,Hkv,n*T,D]`` so each KV head is read once; scores get the mask as an
+  additive bias built from ``Range``/``Less``/``Where`` (causal, window, sinks, key padding), then
+  ``Softmax`` and ``MatMul``. (The standard ``Attention`` op of opset 23 was tried: onnxruntime 1.32's CPU
+  kernel was slower than both, see docs/backends.md.)
+- ``gqa``: ``plain`` with ``GroupQueryAttention`` for the attention.
 
 Dynamic dims: ``batch``, ``new`` (tokens this step), ``past`` (cached tokens), ``total``. The decode model's
 weights point into the prefill model's external data file, so they are stored once.

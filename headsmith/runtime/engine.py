@@ -190,14 +190,37 @@ class OrtEngine:
                 pieces.append(logits)
             return torch.cat(pieces, 1), cache
         presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
+        logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
+        if cache.in_place:
+            self._run_in_place(cache, presents, _feeds(input_ids, position_ids, attention_mask), logits)
+            cache.commit(t)
+            return torch.from_numpy(logits), cache
         feeds = _feeds(input_ids, position_ids, attention_mask)
         for spec, past in zip(cache.specs, cache.past()):
             feeds[f"past_{spec.name.replace('.', '_')}"] = past
-        logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
         names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
         self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
         cache.commit(t)
         return torch.from_numpy(logits), cache
+
+    def _run_in_place(self, cache: KVCache, buffers: list[np.ndarray], feeds: dict[str, np.ndarray],
+                      logits: np.ndarray) -> None:
+        """One decode step on the shared buffers; their bindings are made once and kept on the cache until a
+        growth replaces the buffers (only ids, positions, mask and logits are bound per step)."""
+        sess = self.session("decode")
+        key = (id(sess), tuple(buf.ctypes.data for buf in buffers))
+        if cache.binding is None or cache.binding[0] != key:
+            io = sess.io_binding()
+            for spec, buf in zip(cache.specs, buffers):
+                name = spec.name.replace(".", "_")
+                io.bind_cpu_input(f"past_{name}", buf)
+                io.bind_output(f"present_{name}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            cache.binding = (key, io)
+        io = cache.binding[1]
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        sess.run_with_iobinding(io)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         if "forward" in self.backend:

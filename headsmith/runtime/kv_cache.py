@@ -44,6 +44,8 @@ class KVCache:
     dtype: Any = np.float32
     length: int = 0
     in_place: bool = False
+    binding: Any = field(default=None, repr=False)
+    """An engine's bindings of the buffers (in place they stay valid from step to step until a growth)."""
     _buffers: list[list[np.ndarray]] = field(default_factory=list, repr=False)
     _current: int = 0
 
