@@ -10,7 +10,8 @@ cache (truncated back); the best run is reported, since the machine is shared. `
 ``generate()`` (decode timed as the difference to a one-token generate, best of the repeats); ``torch`` is
 headsmith's torch engine. Engines are measured interleaved per context, so a burst of load from elsewhere
 hits all of them; each engine starts after a second of rest (thread pools that spin after work would
-otherwise take the next engine's cores). Target (issue 4): TVM decode within 1.5x of ONNX at 512 context (``vs ONNX`` >= 0.67).
+otherwise take the next engine's cores). Target (issue 4): TVM decode within 1.5x of ONNX at 512 context
+(``vs ONNX`` >= 0.67).
 """
 
 from __future__ import annotations

@@ -540,8 +540,8 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
         onnx.checker.check_model(str(directory / name), full_check=False)
     opset = FUSED_OPSET if variant == "fused" else OPSET
     gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
-    return {"name": "onnx", "attention": variant, "opset": opset, "gqa_layers": gqa_layers, "kv_in_place": in_place, "prefill": "prefill.onnx",
-            "decode": "decode.onnx", "cache": layout_dict(entries)}
+    return {"name": "onnx", "attention": variant, "opset": opset, "gqa_layers": gqa_layers, "kv_in_place": in_place,
+            "prefill": "prefill.onnx", "decode": "decode.onnx", "cache": layout_dict(entries)}
 
 
 def _gqa_presents(path: Path) -> tuple[int, bool]:
