@@ -220,13 +220,12 @@ def _attention_bias_kv_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | No
 
 @torch.library.custom_op("headsmith::attention_bias_kv_bsd", mutates_args=())
 def attention_bias_kv_bsd(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
-                          bias: Tensor | None, scale: float, n_heads: int, n_kv_heads: int, window: int = 0,
-                          sinks: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                          bias: Tensor | None, scale: float, n_heads: int,
+                          n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """Causal ``attention_bias_kv`` (no softcap) on flattened heads, the layout of onnxruntime's
     ``GroupQueryAttention`` (the causal mask is in ``bias`` as well):
     ``q[B,T,Hq*D]``, ``k[B,T,Hkv*D]``, ``v[B,T,Hkv*Dv]`` -> ``(out[B,T,Hq*Dv], present_k[B,Hkv,P+T,D],
-    present_v[B,Hkv,P+T,Dv])``; the caches keep the ``[B,H,T,D]`` layout. ``window``/``sinks`` repeat what
-    ``bias`` already masks, for kernels that can apply them natively when there is no padding."""
+    present_v[B,Hkv,P+T,Dv])``; the caches keep the ``[B,H,T,D]`` layout."""
     b, t = q.shape[0], q.shape[1]
 
     def heads(x: Tensor, n: int) -> Tensor:
@@ -239,8 +238,8 @@ def attention_bias_kv_bsd(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None
 
 @attention_bias_kv_bsd.register_fake
 def _attention_bias_kv_bsd_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
-                                bias: Tensor | None, scale: float, n_heads: int, n_kv_heads: int, window: int = 0,
-                                sinks: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                                bias: Tensor | None, scale: float, n_heads: int,
+                                n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     b, t = q.shape[0], q.shape[1]
     d, dv = k.shape[-1] // n_kv_heads, v.shape[-1] // n_kv_heads
     past = 0 if past_k is None else past_k.shape[2]

@@ -128,16 +128,11 @@ def _rotary(x: Any, cos: Any, sin: Any, num_heads: int = 0) -> Any:
 
 
 def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, bias: Any = None,
-                      scale: float = 1.0, n_heads: int = 0, n_kv_heads: int = 0, window: int = 0, sinks: int = 0,
-                      dense: bool = False) -> Any:
+                      scale: float = 1.0, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
     """``headsmith.attention_bias_kv_bsd`` (causal) as onnxruntime's ``com.microsoft.GroupQueryAttention``:
     3-D ``q/k/v`` as the projections produce them, the shared mask (causal, window, sinks, padding) as
     ``attention_bias``, ``seqlens_k = P+T-1`` from the mask's length. GQA appends the new K/V itself; when the
-    runtime binds one buffer as both past and present, it writes them in place (no copy of the cache).
-
-    ``dense``: for inputs without padding (the ``decode_dense`` graph): no ``attention_bias`` (onnxruntime's CPU
-    kernel is markedly slower with one at short contexts); causality is the kernel's own and a sliding window
-    its ``local_window_size``. Layers with attention sinks keep the bias."""
+    runtime binds one buffer as both past and present, it writes them in place (no copy of the cache)."""
     from onnxscript import opset20 as op
 
     msft = gqa_opset()
@@ -145,16 +140,8 @@ def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = 
     total = op.Shape(bias, start=3, end=4)
     seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
     total32 = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
-    if dense and sinks == 0:
-        return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, _outputs=3, num_heads=n_heads,
-                                        kv_num_heads=n_kv_heads, scale=scale,
-                                        local_window_size=window if window > 0 else -1)
     return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, None, None, None, bias, _outputs=3,
                                     num_heads=n_heads, kv_num_heads=n_kv_heads, scale=scale, local_window_size=-1)
-
-
-def _bsd_attention_kv_dense(*args: Any, **kwargs: Any) -> Any:
-    return _bsd_attention_kv(*args, dense=True, **kwargs)
 
 
 def _bias_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, bias: Any = None,
@@ -392,9 +379,8 @@ DEFAULT_VARIANT = "fused"
 
 def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple[Any, ...], path: Path,
                  input_names: list[str], output_names: list[str], variant: str = DEFAULT_VARIANT,
-                 optimize: bool = False, dense: bool = False) -> None:
-    """Export one graph to ``path`` (with its weights in ``path.name + '.data'``); ``dense``: the fused
-    lowering's variant for inputs without padding (see ``_bsd_attention_kv``)."""
+                 optimize: bool = False) -> None:
+    """Export one graph to ``path`` (with its weights in ``path.name + '.data'``)."""
     from ..fxutil import clone_module
 
     gm = clone_module(gm)
@@ -409,7 +395,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
     table = {ATTENTION: _plain_attention, torch.ops.headsmith.attention_kv.default: VARIANTS[variant],
              torch.ops.headsmith.rms_norm.default: _rms_norm, torch.ops.headsmith.rotary.default: _rotary,
              torch.ops.headsmith.attention_bias_kv.default: _bias_attention_kv,
-             torch.ops.headsmith.attention_bias_kv_bsd.default: _bsd_attention_kv_dense if dense else _bsd_attention_kv}
+             torch.ops.headsmith.attention_bias_kv_bsd.default: _bsd_attention_kv}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -550,22 +536,12 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None,
                  inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
                  variant)
     share_weights(directory / "prefill.onnx", directory / "decode.onnx")
-    names = ["prefill.onnx", "decode.onnx"]
-    gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
-    extra: dict[str, Any] = {}
-    if variant == "fused" and in_place:  # a second decode graph for steps without padding (no attention_bias)
-        _say(progress, "exporting decode_dense.onnx")
-        export_graph(dec, (ids2, pos2, mask2, *cache), decode_dynamic(len(cache)), directory / "decode_dense.onnx",
-                     inputs + [f"past_{n}" for n in cache_names],
-                     ["logits", *[f"present_{n}" for n in cache_names]], variant, dense=True)
-        share_weights(directory / "prefill.onnx", directory / "decode_dense.onnx")
-        names.append("decode_dense.onnx")
-        extra["decode_dense"] = "decode_dense.onnx"
-    for name in names:
+    for name in ("prefill.onnx", "decode.onnx"):
         onnx.checker.check_model(str(directory / name), full_check=False)
     opset = FUSED_OPSET if variant == "fused" else OPSET
+    gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
     return {"name": "onnx", "attention": variant, "opset": opset, "gqa_layers": gqa_layers, "kv_in_place": in_place,
-            "prefill": "prefill.onnx", "decode": "decode.onnx", **extra, "cache": layout_dict(entries)}
+            "prefill": "prefill.onnx", "decode": "decode.onnx", "cache": layout_dict(entries)}
 
 
 def _gqa_presents(path: Path) -> tuple[int, bool]:

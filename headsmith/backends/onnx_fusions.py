@@ -258,7 +258,7 @@ def hoist_attention_masks(gm: fx.GraphModule) -> int:
             fused = graph.call_function(ATTENTION_BIAS_KV, (q, k, v, past_k, past_v, biases[key], scale,
                                                             float(kw.get("softcap", 0.0))))
         fused.meta = dict(node.meta)
-        fused.meta.update(headsmith_causal=causal, headsmith_window=window, headsmith_sinks=sinks)
+        fused.meta["headsmith_causal"] = causal
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
         count += 1
@@ -344,9 +344,7 @@ def flatten_attention_heads(gm: fx.GraphModule) -> int:
         hq, hkv = int(qs[1]), int(ks[1])
         q3, k3, v3 = (_as_bsd(graph, x, h, node) for x, h in ((q, hq), (k, hkv), (v, hkv)))
         with graph.inserting_before(node):
-            fused = graph.call_function(ATTENTION_BIAS_KV_BSD, (q3, k3, v3, past_k, past_v, bias, scale, hq, hkv,
-                                                                int(node.meta.get("headsmith_window", 0)),
-                                                                int(node.meta.get("headsmith_sinks", 0))))
+            fused = graph.call_function(ATTENTION_BIAS_KV_BSD, (q3, k3, v3, past_k, past_v, bias, scale, hq, hkv))
         for user in list(node.users):
             index = user.args[1]
             with graph.inserting_before(user):

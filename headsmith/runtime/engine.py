@@ -192,9 +192,7 @@ class OrtEngine:
         presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
         logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
         if cache.in_place:
-            # no padding: the graph whose attention needs no mask input (faster), when the artifact has one
-            key = "decode_dense" if "decode_dense" in self.backend and bool(attention_mask.all()) else "decode"
-            self._run_in_place(cache, presents, _feeds(input_ids, position_ids, attention_mask), logits, key)
+            self._run_in_place(cache, presents, _feeds(input_ids, position_ids, attention_mask), logits)
             cache.commit(t)
             return torch.from_numpy(logits), cache
         feeds = _feeds(input_ids, position_ids, attention_mask)
@@ -206,18 +204,18 @@ class OrtEngine:
         return torch.from_numpy(logits), cache
 
     def _run_in_place(self, cache: KVCache, buffers: list[np.ndarray], feeds: dict[str, np.ndarray],
-                      logits: np.ndarray, key: str = "decode") -> None:
+                      logits: np.ndarray) -> None:
         """One decode step on the shared buffers; their bindings are made once and kept on the cache until a
         growth replaces the buffers (only ids, positions, mask and logits are bound per step)."""
-        sess = self.session(key)
-        bound = (id(sess), tuple(buf.ctypes.data for buf in buffers))
-        if cache.binding is None or cache.binding[0] != bound:
+        sess = self.session("decode")
+        key = (id(sess), tuple(buf.ctypes.data for buf in buffers))
+        if cache.binding is None or cache.binding[0] != key:
             io = sess.io_binding()
             for spec, buf in zip(cache.specs, buffers):
                 name = spec.name.replace(".", "_")
                 io.bind_cpu_input(f"past_{name}", buf)
                 io.bind_output(f"present_{name}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-            cache.binding = (bound, io)
+            cache.binding = (key, io)
         io = cache.binding[1]
         for name, value in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -285,7 +283,7 @@ def engine_for(artifact: Any, threads: int | None = None) -> Engine:
         return TorchEngine.from_artifact(artifact)
     if name == "onnx":
         engine = OrtEngine(artifact.info, artifact.spec, artifact.path, backend, threads)
-        for key in ("prefill", "decode", "decode_dense", "forward"):
+        for key in ("prefill", "decode", "forward"):
             if key in backend:
                 engine.session(key)  # load now, so timings never include session creation
         return engine
