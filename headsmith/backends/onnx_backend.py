@@ -136,10 +136,8 @@ def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = 
     from onnxscript import opset20 as op
 
     msft = gqa_opset()
-    batch = op.Shape(bias, start=0, end=1)  # from the shared bias, so every layer's copy of this is merged
-    total = op.Shape(bias, start=3, end=4)
-    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
-    total32 = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
+    # from the shared bias, so every layer's copy of these nodes is the same and onnxruntime merges them
+    seqlens, total32 = _gqa_lengths(op.Shape(bias, start=3, end=4), op.Shape(bias, start=0, end=1))
     return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, None, None, None, bias, _outputs=3,
                                     num_heads=n_heads, kv_num_heads=n_kv_heads, scale=scale, local_window_size=-1)
 
@@ -217,6 +215,14 @@ def gqa_opset() -> Any:
     return _GQA_OPSET
 
 
+def _gqa_lengths(total: Any, batch: Any) -> tuple[Any, Any]:
+    """GQA's ``seqlens_k`` (``P+T-1`` for every row, int32 ``[B]``) and ``total_sequence_length`` (int32 scalar)
+    from the key length ``total`` and ``batch`` (both 1-D int64 shapes)."""
+    from onnxscript import opset20 as op
+    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
+    return seqlens, op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
+
+
 def _gqa_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, key_mask: Any = None,
                       causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
                       softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
@@ -242,8 +248,7 @@ def _gqa_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = 
     else:
         kv_len = op.Shape(k, start=2, end=3)
         total = kv_len if past_k is None else op.Add(op.Shape(past_k, start=2, end=3), kv_len)
-    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
-    total32 = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
+    seqlens, total32 = _gqa_lengths(total, batch)
     bias = None
     if key_mask is not None:
         keys = op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2]))
@@ -410,19 +415,12 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
 
 
 def name_dims(path: Path, dynamic: tuple[Any, ...], input_names: list[str]) -> None:
-    """Give the dynamic dims of the saved model the names of their ``Dim`` (``batch``, ``past``, ...), and drop
-    the unused optional ``qk_matmul_output`` of ``Attention`` nodes."""
+    """Give the dynamic dims of the saved model the names of their ``Dim`` (``batch``, ``past``, ...)."""
     import re
 
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    trimmed = 0
-    for node in model.graph.node:  # optional trailing outputs nobody reads are not computed by onnxruntime
-        while node.op_type == "Attention" and len(node.output) > 3 and node.output[-1] not in used:
-            node.output.pop()
-            trimmed += 1
     rename: dict[str, str] = {}
     inputs = {i.name: i for i in model.graph.input}
     for name, spec in zip(input_names, dynamic):
@@ -434,8 +432,6 @@ def name_dims(path: Path, dynamic: tuple[Any, ...], input_names: list[str]) -> N
             if axis < len(dims) and dims[axis].dim_param:
                 rename[dims[axis].dim_param] = getattr(dim, "__name__", str(dim))
     if not rename:
-        if trimmed:
-            onnx.save(model, str(path))
         return
     pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(rename, key=len, reverse=True)) + r")\b")
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:

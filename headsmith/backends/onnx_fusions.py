@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from .. import ops
-from ..fxutil import erase_dead, is_call, shape_of
+from ..fxutil import erase_dead, is_call, rank_of
 
 aten = torch.ops.aten
 RMS_NORM = torch.ops.headsmith.rms_norm.default
@@ -40,6 +40,12 @@ ATTENTION_BIAS_KV_BSD = torch.ops.headsmith.attention_bias_kv_bsd.default
 def _dtype(node: Any) -> torch.dtype | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _val_shape(node: Any) -> tuple[Any, ...] | None:
+    """The shape in ``node.meta['val']``, symbolic dims included, else None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _through_noop_casts(node: Any) -> Any:
@@ -72,7 +78,7 @@ def _rms_core(node: Any) -> tuple[Any, float] | None:
             mean, eps = eps, mean
         if not is_call(mean, aten.mean.dim) or not isinstance(eps, (int, float)):
             continue
-        rank = x.meta["val"].dim() if isinstance(x, fx.Node) and "val" in x.meta else None
+        rank = rank_of(x)
         dims = list(mean.args[1]) if len(mean.args) > 1 else []
         keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
         if rank is None or dims not in ([-1], [rank - 1]) or not keep:
@@ -98,9 +104,9 @@ def fuse_rms_norm(gm: fx.GraphModule) -> int:
             if core is None or not isinstance(w, fx.Node):
                 continue
             x, eps = core
-            w_shape, x_shape = w.meta.get("val"), x.meta.get("val")
-            if (_dtype(x) != torch.float32 or _dtype(w) != torch.float32 or not isinstance(w_shape, torch.Tensor)
-                    or w_shape.dim() != 1 or w_shape.shape[0] != x_shape.shape[-1]):
+            w_shape, x_shape = _val_shape(w), _val_shape(x)
+            if (_dtype(x) != torch.float32 or _dtype(w) != torch.float32 or w_shape is None or x_shape is None
+                    or len(w_shape) != 1 or w_shape[0] != x_shape[-1]):
                 continue
             with graph.inserting_before(node):
                 fused = graph.call_function(RMS_NORM, (x, w, eps))
@@ -131,7 +137,7 @@ def _equal_halves_source(node: Any) -> Any:
         return None
     parts = cur.args[0]
     dim = cur.args[1] if len(cur.args) > 1 else 0
-    rank = cur.meta["val"].dim() if "val" in cur.meta else None
+    rank = rank_of(cur)
     if len(parts) == 2 and parts[0] is parts[1] and rank is not None and dim in (-1, rank - 1):
         return node
     return None
@@ -147,7 +153,7 @@ def _rotate_half_of(node: Any) -> tuple[Any, int] | None:
         return None
     hi = neg.args[0]
     x = lo.args[0]
-    shape = shape_of(x) or (tuple(x.meta["val"].shape) if "val" in x.meta else None)
+    shape = _val_shape(x)
     if hi.args[0] is not x or shape is None or len(shape) != 4 or not isinstance(shape[-1], int):
         return None
     d = shape[-1]
@@ -161,7 +167,7 @@ def _rotate_half_of(node: Any) -> tuple[Any, int] | None:
 
 def _unsqueezed_head_dim(node: Any) -> Any:
     """``c`` if ``node`` is ``unsqueeze(c, 1)`` with ``c`` of rank 3."""
-    if is_call(node, aten.unsqueeze.default) and node.args[1] == 1 and node.args[0].meta["val"].dim() == 3:
+    if is_call(node, aten.unsqueeze.default) and node.args[1] == 1 and rank_of(node.args[0]) == 3:
         return node.args[0]
     return None
 
@@ -240,10 +246,8 @@ def hoist_attention_masks(gm: fx.GraphModule) -> int:
             continue
         causal, window, sinks = bool(kw.get("causal", True)), int(kw.get("window", 0)), int(kw.get("sinks", 0))
         key = (key_mask, causal, window, sinks) if key_mask is not None else (node, causal, window, sinks)
-        if key not in biases:
-            first = next(n for n in graph.nodes if is_call(n, ATTENTION_KV))
-            anchor = first if key_mask is not None else node
-            with graph.inserting_before(anchor):
+        if key not in biases:  # built right before the first node that needs it (nodes are visited in order)
+            with graph.inserting_before(node):
                 if key_mask is not None:
                     k_len = graph.call_function(aten.sym_size.int, (key_mask, 1))
                 else:
@@ -251,8 +255,7 @@ def hoist_attention_masks(gm: fx.GraphModule) -> int:
                     if past_k is not None:
                         k_len = graph.call_function(operator.add, (
                             graph.call_function(aten.sym_size.int, (past_k, 2)), k_len))
-                biases[key] = graph.call_function(mask_bias, (key_mask, anchor.args[0] if key_mask is not None
-                                                              else q, k_len, causal, window, sinks))
+                biases[key] = graph.call_function(mask_bias, (key_mask, q, k_len, causal, window, sinks))
         scale = float(kw.get("scale", 0.0)) or 1.0 / math.sqrt(d)
         with graph.inserting_before(node):
             fused = graph.call_function(ATTENTION_BIAS_KV, (q, k, v, past_k, past_v, biases[key], scale,
@@ -268,11 +271,6 @@ def hoist_attention_masks(gm: fx.GraphModule) -> int:
 # --- flattened heads -------------------------------------------------------------------------------------
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _val_shape(node: Any) -> tuple[Any, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _split_heads_source(x4: Any, heads: int) -> Any:

@@ -69,7 +69,7 @@ class KVCache:
         return array[tuple(index)]
 
     def _view(self, i: int, which: int, tokens: int) -> np.ndarray:
-        if self.in_place:  # a strided view of the first ``tokens`` slots
+        if self.in_place:  # a strided view of the first ``tokens`` slots of the one buffer (``which`` unused)
             return self._tokens(self._buffers[i][0], i, tokens)
         shape = self.shape_for(self.specs[i], tokens)
         return self._buffers[i][which][: int(np.prod(shape))].reshape(shape)
@@ -105,9 +105,9 @@ class KVCache:
         """Copy presents ``[B, H, P+T, D]`` produced elsewhere (an engine without IO binding, or a prefill
         graph that returns compact presents) into the buffers."""
         new = presents[0].shape[self.specs[0].seq_dim] - self.length
-        views = self.present_views(new)
-        for i, (view, value) in enumerate(zip(views, presents)):
-            np.copyto(self._tokens(view, i, self.length + new) if self.in_place else view, value)
+        self.present_views(new)  # grows if needed
+        for i, value in enumerate(presents):
+            np.copyto(self._view(i, 1 - self._current, self.length + new), value)
         self.commit(new)
 
     def truncate(self, length: int) -> None:
@@ -118,11 +118,9 @@ class KVCache:
         if self.in_place:
             self.length = length
             return
-        for i, spec in enumerate(self.specs):
-            src = self._view(i, self._current, self.length)
-            index = [slice(None)] * src.ndim
-            index[spec.seq_dim] = slice(0, length)
-            np.copyto(self._view(i, 1 - self._current, length), src[tuple(index)])
+        for i in range(len(self.specs)):
+            np.copyto(self._view(i, 1 - self._current, length), self._tokens(self._view(i, self._current, self.length),
+                                                                              i, length))
         self.length = length
         self._current = 1 - self._current
 
