@@ -20,6 +20,9 @@ Semantics (those of ONNX ``Attention`` opset 23 and onnxruntime's ``GroupQueryAt
 - A query row whose keys are all masked gets the mean of ``v`` (masked scores are the most negative
   finite float, not ``-inf``), so no backend produces NaN on padding rows.
 - ``layer`` is the index of the transformer layer the op belongs to; it does not change the result.
+- Mixed input dtypes are computed in their promoted dtype (``torch.promote_types``), which is also the
+  output's. Under bf16 autocast the projections come out in bf16 while RoPE's fp32 tables promote q and k
+  back to fp32; SDPA itself insists on one dtype, so the op promotes instead of failing.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ from torch import Tensor
 
 __all__ = ["attention", "attention_bias_kv", "attention_bias_kv_bsd", "attention_mask_bias", "rms_norm",
            "rotary"]
+
+
+def _promoted(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v`` cast to their common (promoted) dtype; no copy when they already agree."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def attention_mask_bias(key_mask: Tensor | None, tq: int, tk: int, causal: bool, window: int,
@@ -64,6 +73,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
               scale: float = 0.0, window: int = 0, sinks: int = 0, softcap: float = 0.0,
               layer: int = -1) -> Tensor:
     """Reference kernel (torch SDPA with an additive mask); see the module docstring."""
+    q, k, v = _promoted(q, k, v)
     _, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if hq % hkv != 0:
@@ -89,7 +99,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
                     causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
                     softcap: float = 0.0, layer: int = -1) -> Tensor:
-    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=dtype)
 
 
 def _attention_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[object, ...],
@@ -112,7 +123,9 @@ def _attention_backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tens
 
 def _attention_math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool,
                     scale: float, window: int, sinks: int, softcap: float) -> Tensor:
-    """Differentiable twin of the reference kernel (used for backward, e.g. by ``heal``)."""
+    """Differentiable twin of the reference kernel (used for backward, e.g. by ``heal``); the casts of
+    :func:`_promoted` are part of its graph, so each gradient comes back in its input's dtype."""
+    q, k, v = _promoted(q, k, v)
     _, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)

@@ -177,14 +177,47 @@ def test_mla_lowers_to_onnx(tmp_path: Path) -> None:
 
 
 # ---- heal -----------------------------------------------------------------------------------------------
-def test_heal_recovers_part_of_the_loss() -> None:
+@pytest.mark.parametrize("autocast", ["bf16", "off"])
+def test_heal_recovers_part_of_the_loss(autocast: str) -> None:
+    """Both precision branches, forced, whatever this CPU has (auto picks bf16 only with native bf16)."""
     source = tiny_program("llama")
-    merged = source.apply("gqa(kv_heads=1, method=mean), heal(steps=40, lr=0.003, seq_len=64, eval_tokens=300)")
+    merged = source.apply("gqa(kv_heads=1, method=mean), "
+                          f"heal(steps=40, lr=0.003, seq_len=64, eval_tokens=300, autocast={autocast})")
     report = merged.reports[-1]
     assert report["pass"].startswith("heal") and report["steps"] == 40
+    assert report["bf16"] is (autocast == "bf16")
     assert report["after"]["kl"] < 0.8 * report["before"]["kl"]
     assert report["loss_last"] < report["loss_first"]
     assert tiny_program("llama").history == source.history  # the source program is untouched
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "phi3", "bert"])
+def test_heal_under_bf16_autocast_trains_every_architecture(arch: str) -> None:
+    source = tiny_program(arch)
+    healed = source.apply("prune-mlp(ratio=0.25), heal(steps=2, seq_len=16, eval_tokens=0, autocast=bf16)")
+    assert healed.reports[-1]["bf16"] is True
+    ids, pos, mask = source.example_inputs(2, 12, pad=2)
+    out = healed(ids, mask, pos)
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_attention_op_computes_mixed_dtypes_in_the_promoted_dtype(softcap: float) -> None:
+    """Under bf16 autocast v comes out of its projection in bf16 while RoPE's fp32 tables promote q and k:
+    the op computes in the promoted dtype and each gradient comes back in its input's dtype."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g).requires_grad_(True)
+    k = torch.randn(2, 2, 6, 8, generator=g).requires_grad_(True)
+    v = torch.randn(2, 2, 6, 8, generator=g).to(torch.bfloat16).requires_grad_(True)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    out = torch.ops.headsmith.attention(q, k, v, mask, softcap=softcap)
+    ref = torch.ops.headsmith.attention(q, k, v.float(), mask, softcap=softcap)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    assert all(bool(torch.isfinite(t.grad.float()).all()) for t in (q, k, v))
 
 
 def test_heal_needs_an_earlier_pass() -> None:

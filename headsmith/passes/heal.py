@@ -2,8 +2,10 @@
 
 The program before the first pass of the pipeline (``ctx.source``) is the teacher. The student (this program)
 is trained to match the teacher's next-token distribution, loss ``KL(teacher || student)`` per token, with
-AdamW on batches of ``batch`` x ``seq_len`` tokens of calibration text (bf16 autocast on CPUs that support it,
-which makes a step several times faster on AMX machines). Training stops after ``steps`` or ``minutes``,
+AdamW on batches of ``batch`` x ``seq_len`` tokens of calibration text. ``autocast=auto`` runs the student's
+forward and backward under bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX: a step is several times
+faster there) and in fp32 elsewhere, where emulated bf16 would be slower; ``bf16`` and ``off`` force either
+branch on any CPU (the tests run both). The weights and the optimizer state stay fp32 either way. Training stops after ``steps`` or ``minutes``,
 whichever comes first. The report gives KL, top-1 agreement and perplexity on held-out text (the bundled
 evaluation text) before and after, and the wall time. Encoders are healed on their hidden states (MSE).
 """
@@ -48,8 +50,8 @@ class Heal(Pass):
     """Training text file (default: the bundled calibration text)."""
     train: Literal["all", "attention"] = "all"
     """Which weights to train: all, or only the attention projections."""
-    bf16: bool = True
-    """Use bfloat16 autocast for the student's forward and backward."""
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 autocast for the student's forward and backward: auto (where the CPU has native bf16), bf16, off."""
     eval_tokens: int = 1024
     """Held-out tokens for the before/after report (0: skip)."""
 
@@ -87,7 +89,7 @@ class Heal(Pass):
         order = torch.randperm(rows.shape[0], generator=g)
         start = time.perf_counter()
         losses: list[float] = []
-        use_bf16 = self.bf16 and _bf16_ok()
+        use_bf16 = self.autocast == "bf16" or (self.autocast == "auto" and native_bf16())
         for step in range(self.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, time.perf_counter() - start)
@@ -105,7 +107,7 @@ class Heal(Pass):
             opt.step()
             losses.append(float(loss.detach()))
             if step % 10 == 0:
-                ctx.say(f"heal step {step}/{self.steps}: loss {float(loss):.4f}")
+                ctx.say(f"heal step {step}/{self.steps}: loss {losses[-1]:.4f}")
             if self.minutes > 0 and time.perf_counter() - start > self.minutes * 60:
                 break
         for name, p in zip(names, params):
@@ -142,7 +144,8 @@ class Heal(Pass):
         return ids[: n * self.seq_len].reshape(n, self.seq_len)
 
 
-def _bf16_ok() -> bool:
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
     try:
         return bool(torch.backends.mkldnn.is_available()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
