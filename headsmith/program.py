@@ -24,6 +24,7 @@ from torch import Tensor, fx
 
 from .errors import HeadsmithError, RaiseError
 from .fxutil import clone_module, format_near, record_values
+from .qweights import is_quantized_weight_use, packed_args
 from .sites import AttentionSite, SiteError, attention_nodes, find_sites
 
 if TYPE_CHECKING:
@@ -193,10 +194,29 @@ class Program:
     def raised(self) -> bool:
         return bool(attention_nodes(self.gm.graph))
 
+    @property
+    def quantized(self) -> bool:
+        """Whether any linear reads low-precision weights (``quantize`` ran): packed blocks or 16-bit casts."""
+        return any(is_quantized_weight_use(n) for n in self.gm.graph.nodes)
+
     def n_params(self) -> int:
-        """Parameters the graph reads (each tensor once; buffers such as RoPE tables excluded)."""
+        """Parameters the graph reads (each tensor once; buffers such as RoPE tables excluded). A quantised
+        weight counts its ``N x K`` logical weights; its scales and zero points are not parameters."""
+        from .fxutil import get_tensor
         params = {id(p) for p in self.gm.parameters()}
-        return sum(t.numel() for t in self.weights().values() if id(t) in params)
+        total, seen = 0, set()
+        for node in self.gm.graph.nodes:
+            q = packed_args(node)
+            if q is None:
+                continue
+            for aux in (q.scales, q.zeros):
+                if aux is not None:
+                    params.discard(id(get_tensor(self.gm, str(aux.target))))
+            packed = get_tensor(self.gm, str(q.packed.target))
+            if id(packed) not in seen:
+                seen.add(id(packed))
+                total += int(packed.shape[0]) * int(packed.shape[1]) * q.group
+        return total + sum(t.numel() for t in self.weights().values() if id(t) in params)
 
     def weights(self) -> dict[str, Tensor]:
         """Every weight the graph reads, by ``get_attr`` target (each tensor once)."""

@@ -21,29 +21,39 @@ from torch import fx
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.headsmith)
 from .fxutil import VIEW_OPS, ancestors, is_call
+from .qweights import LINEAR_Q, packed_args
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.headsmith.attention.default
 LINEAR = aten.linear.default
+LINEARS = (LINEAR, LINEAR_Q)
+"""A projection is a float ``linear`` or a quantised ``linear_q`` (see :mod:`headsmith.qweights`)."""
 
 
 @dataclass(frozen=True)
 class Projection:
-    """One ``aten.linear`` node with its weight and optional bias ``get_attr`` targets."""
+    """One ``aten.linear`` node with its weight and optional bias ``get_attr`` targets. For a quantised
+    projection (``linear_q``, or a linear reading a cast 16-bit weight) ``weight`` names the stored tensor
+    (the packed codes, or the 16-bit copy) and ``quantized`` is set: passes that slice weights refuse it."""
 
     node: fx.Node
     weight: str
     bias: str | None
+    quantized: bool = False
 
     @staticmethod
     def of(node: fx.Node) -> Projection | None:
-        w = node.args[1]
-        b = node.args[2] if len(node.args) > 2 else None
+        q = packed_args(node)
+        w = q.packed if q is not None else node.args[1]
+        b = node.args[4] if q is not None else (node.args[2] if len(node.args) > 2 else None)
+        cast = is_call(w, aten._to_copy.default)
+        if cast:
+            w = w.args[0]  # type: ignore[union-attr]
         if not isinstance(w, fx.Node) or w.op != "get_attr":
             return None
         if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
             return None
-        return Projection(node, str(w.target), str(b.target) if b is not None else None)
+        return Projection(node, str(w.target), str(b.target) if b is not None else None, q is not None or cast)
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ def nearest_linears(start: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
 
     def stop(n: fx.Node) -> bool:
-        if is_call(n, LINEAR) and n is not start:
+        if is_call(n, *LINEARS) and n is not start:
             found.append(n)
             return True
         # shape reads (sym_size) are not data flow: do not follow them
@@ -128,7 +138,7 @@ def output_projection(node: fx.Node) -> fx.Node | None:
         if len(users) != 1:
             return None
         user = users[0]
-        if is_call(user, LINEAR) and user.args[0] is cur:
+        if is_call(user, *LINEARS) and user.args[0] is cur:
             return user
         if not is_call(user, *VIEW_OPS):
             return None

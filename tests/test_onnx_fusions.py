@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headsmith.backends.artifact import read_artifact
-from headsmith.backends.onnx_backend import fuse_kv_attention, fuse_parallel_linears
+from headsmith.backends.lowering import fuse_kv_attention, fuse_parallel_linears
 from headsmith.backends.onnx_fusions import fuse_for_ort, fuse_rotary
 from headsmith.fxutil import clone_module
 from headsmith.passes.kv_cache import decode_graph, prefill_graph

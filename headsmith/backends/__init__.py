@@ -19,9 +19,11 @@ def lower(name: str, program: Program, directory: Path, progress: Any = None,
     options = dict(options or {})
     if name == "onnx":
         from .onnx_backend import DEFAULT_VARIANT, lower_onnx
+        from .onnx_quant import DEFAULT_ACCURACY_LEVEL
         attention = options.pop("attention", DEFAULT_VARIANT)
+        accuracy_level = int(options.pop("accuracy_level", DEFAULT_ACCURACY_LEVEL))
         _no_more(name, options)
-        return lower_onnx(program, directory, progress, variant=attention)
+        return lower_onnx(program, directory, progress, variant=attention, accuracy_level=accuracy_level)
     if name == "tvm":
         from .tvm_backend import DEFAULT_TARGET, lower_tvm
         target = options.pop("target", DEFAULT_TARGET)

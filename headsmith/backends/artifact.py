@@ -235,11 +235,19 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
 
 
 def decode_weight_bytes(program: Program) -> int:
-    """Bytes of weights a decode step reads: every weight a matmul-like op consumes, once (an embedding
-    table used only for lookups reads one row per token and is left out)."""
+    """Bytes of weights a decode step reads: every weight a matmul-like op consumes (directly, or through the
+    cast of a 16-bit weight), once; a quantised linear reads its packed codes, scales and zero points. An
+    embedding table used only for lookups reads one row per token and is left out."""
+    from ..qweights import LINEAR_Q
     readers = {torch.ops.aten.linear.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default,
                torch.ops.aten.addmm.default, torch.ops.aten.t.default, torch.ops.aten.permute.default,
-               torch.ops.aten.transpose.int}
+               torch.ops.aten.transpose.int, LINEAR_Q}
+    cast = torch.ops.aten._to_copy.default
+
+    def read_by_matmul(node: fx.Node) -> bool:
+        return any(u.op == "call_function" and (u.target in readers or (u.target is cast and read_by_matmul(u)))
+                   for u in node.users)
+
     seen: set[int] = set()
     total = 0
     for node in program.gm.graph.nodes:
@@ -248,10 +256,8 @@ def decode_weight_bytes(program: Program) -> int:
         t = get_tensor(program.gm, str(node.target))
         if id(t) in seen:
             continue
-        only_lookup = all(u.op == "call_function" and u.target is torch.ops.aten.embedding.default for u in node.users)
-        if only_lookup or not any(u.op == "call_function" and u.target in readers for u in node.users):
-            if t.dim() >= 2:
-                continue
+        if t.dim() >= 2 and not read_by_matmul(node):
+            continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
     return total

@@ -461,7 +461,8 @@ def build_module(program: Program, target: TvmTarget, progress: Any = None) -> t
 
     from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
     from .artifact import graph_weights
-    from .onnx_backend import decode_dynamic, fuse_kv_attention
+    from .lowering import fuse_kv_attention
+    from .onnx_backend import decode_dynamic
 
     ids, pos, mask = program.example_inputs(batch=2, seq=8)
     batch = torch.export.Dim("batch", min=1, max=1024)

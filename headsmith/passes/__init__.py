@@ -19,11 +19,12 @@ from .mla import Mla
 from .prune_heads import PruneHeads
 from .prune_layers import PruneLayers
 from .prune_mlp import PruneMlp
+from .quantize import Quantize
 from .raise_attention import RaiseAttention
 from .spec import build, parse_spec
 
 ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Gqa, Heal, Mla, PruneHeads, PruneLayers,
-                                      PruneMlp)
+                                      PruneMlp, Quantize)
 REGISTRY: dict[str, type[Pass]] = {p.name: p for p in ALL_PASSES}
 ENTRY_POINT_GROUP = "headsmith.passes"
 _plugins_loaded = False

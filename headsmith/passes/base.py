@@ -125,6 +125,9 @@ class Pass:
     exact: ClassVar[bool] = True
     needs_raised: ClassVar[bool] = True
     """Whether the pass works on ``headsmith.attention`` sites (and so needs a raised program)."""
+    float_weights: ClassVar[bool] = True
+    """Whether the pass reads or edits float linear weights (slices, fits, trains them), so it cannot run on a
+    program whose linears are already quantised."""
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         raise NotImplementedError

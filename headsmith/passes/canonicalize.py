@@ -267,6 +267,7 @@ class Canonicalize(Pass):
 
     name: ClassVar[str] = "canonicalize"
     exact: ClassVar[bool] = True
+    float_weights: ClassVar[bool] = False
     needs_raised: ClassVar[bool] = False
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
@@ -282,6 +283,7 @@ class Dce(Pass):
 
     name: ClassVar[str] = "dce"
     exact: ClassVar[bool] = True
+    float_weights: ClassVar[bool] = False
     needs_raised: ClassVar[bool] = False
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:

@@ -31,6 +31,7 @@ from torch import Tensor, fx
 from ..errors import BackendError
 from ..fxutil import clone_module, erase_dead, is_call
 from ..program import Program
+from ..qweights import LINEAR_Q
 from ..sites import ATTENTION, attention_nodes
 
 aten = torch.ops.aten
@@ -171,7 +172,7 @@ def _lm_head_last_position(gm: fx.GraphModule, vocab: int) -> None:
     lm_head = None
     feeding = _ancestors_of(logits)
     for node in reversed(list(graph.nodes)):
-        if is_call(node, aten.linear.default) and node in feeding:
+        if is_call(node, aten.linear.default, LINEAR_Q) and node in feeding:
             lm_head = node
             break
     if lm_head is None:

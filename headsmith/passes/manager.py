@@ -140,6 +140,11 @@ class PassManager:
             if p.needs_raised and not program.raised:
                 raise PassError(f"pass {p} needs a raised program (no headsmith.attention ops found)",
                                 "load the model with raising enabled (the default)")
+            if p.float_weights and program.quantized:
+                done_q = next((d for d in reversed(done) if d.startswith("quantize")), "quantize")
+                raise PassError(f"pass {p} edits float weights, but the program's linears are already quantised "
+                                f"(by {done_q})", f"put quantize(...) last, after {p.name}: e.g. "
+                                f"'{p}, {done_q}'")
             ctx.say(f"running {p}")
             for inst in self.instruments:
                 inst.before(p, program, ctx)

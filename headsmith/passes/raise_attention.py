@@ -133,6 +133,7 @@ class RaiseAttention(Pass):
 
     name: ClassVar[str] = "raise-attention"
     exact: ClassVar[bool] = True
+    float_weights: ClassVar[bool] = False
     needs_raised: ClassVar[bool] = False
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:

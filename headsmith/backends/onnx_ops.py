@@ -1,0 +1,257 @@
+"""ONNX translations of headsmith's attention ops and fused lowering forms (onnxscript functions).
+
+``torch.onnx.export`` calls these through its ``custom_translation_table`` with symbolic tensors and the ops'
+python scalars. The attention variants (``VARIANTS``) are described in :mod:`headsmith.backends.onnx_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import BackendError
+from ..sites import ATTENTION
+
+NEG = -3.4028234663852886e38  # most negative float32: masked scores (softmax never sees -inf)
+
+
+def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool = True, scale: float = 0.0,
+                     window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1) -> Any:
+    """``headsmith.attention`` in opset-20 ops (see the module docstring)."""
+    from onnxscript import opset20 as op
+
+    del layer
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    shape_q = op.Shape(q)
+    shape_k = op.Shape(k)
+    b = op.Slice(shape_q, zero, one)
+    hq = op.Slice(shape_q, one, op.Constant(value_ints=[2]))
+    tq = op.Slice(shape_q, op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    d = op.Slice(shape_q, op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    hkv = op.Slice(shape_k, one, op.Constant(value_ints=[2]))
+    tk = op.Slice(shape_k, op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    rep = op.Div(hq, hkv)
+    minus_one = op.Constant(value_ints=[-1])
+    # q[B,Hq,T,D] -> [B,Hkv,rep*T,D]: query heads of a group share their KV head without expanding K/V
+    if scale > 0.0:
+        q = op.Mul(q, op.CastLike(op.Constant(value_float=scale), q))
+    else:
+        q = op.Div(q, op.Sqrt(op.CastLike(op.Cast(d, to=1), q)))
+    q_g = op.Reshape(q, op.Concat(b, hkv, minus_one, d, axis=0))
+    scores = op.MatMul(q_g, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B,Hkv,rep*T,Tk]
+    scores = op.Reshape(scores, op.Concat(b, hkv, rep, tq, tk, axis=0))  # [B,Hkv,rep,T,Tk]
+    if softcap > 0.0:
+        cap = op.CastLike(op.Constant(value_float=softcap), scores)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    allowed = None
+    if causal or window > 0:
+        tq_s = op.Squeeze(tq, zero)
+        tk_s = op.Squeeze(tk, zero)
+        q_pos = op.Add(op.Range(op.Constant(value_int=0), tq_s, op.Constant(value_int=1)), op.Sub(tk_s, tq_s))
+        q_pos = op.Unsqueeze(q_pos, one)  # [T,1]
+        k_pos = op.Unsqueeze(op.Range(op.Constant(value_int=0), tk_s, op.Constant(value_int=1)), zero)  # [1,Tk]
+        if causal:
+            allowed = op.LessOrEqual(k_pos, q_pos)
+        if window > 0:
+            in_window = op.Less(op.Sub(q_pos, k_pos), op.Constant(value_int=window))
+            if sinks > 0:
+                in_window = op.Or(in_window, op.Less(k_pos, op.Constant(value_int=sinks)))
+            allowed = in_window if allowed is None else op.And(allowed, in_window)
+        allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[0, 1, 2]))  # [1,1,1,T,Tk]
+    if key_mask is not None:
+        keys = op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2, 3]))  # [B,1,1,1,Tk]
+        allowed = keys if allowed is None else op.And(allowed, keys)
+    if allowed is not None:
+        bias = op.Where(allowed, op.CastLike(op.Constant(value_float=0.0), scores),
+                        op.CastLike(op.Constant(value_float=NEG), scores))
+        scores = op.Add(scores, bias)
+    probs = op.Softmax(scores, axis=-1)
+    probs = op.Reshape(probs, op.Concat(b, hkv, minus_one, tk, axis=0))  # [B,Hkv,rep*T,Tk]
+    out = op.MatMul(probs, v)  # [B,Hkv,rep*T,Dv]
+    dv = op.Slice(op.Shape(v), op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    return op.Reshape(out, op.Concat(b, hq, tq, dv, axis=0))
+
+
+def _concat_or(past: Any, new: Any) -> Any:
+    from onnxscript import opset20 as op
+    return new if past is None else op.Concat(past, new, axis=2)
+
+
+def _plain_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, key_mask: Any = None,
+                        causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
+                        softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+    """``headsmith.attention_kv`` as ``Concat`` + the plain attention."""
+    k_all, v_all = _concat_or(past_k, k), _concat_or(past_v, v)
+    out = _plain_attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer)
+    return out, k_all, v_all
+
+
+def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """``headsmith.rms_norm`` as ONNX ``RMSNormalization`` (opset 23)."""
+    from onnxscript import opset23 as op
+    return op.RMSNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
+
+
+def _rotary(x: Any, cos: Any, sin: Any, num_heads: int = 0) -> Any:
+    """``headsmith.rotary`` as ONNX ``RotaryEmbedding`` (opset 23): ``x[B,H,T,D]`` or ``x[B,T,H*D]``
+    (``num_heads``), caches ``[B,T,D/2]``."""
+    from onnxscript import opset23 as op
+    if num_heads:
+        return op.RotaryEmbedding(x, cos, sin, interleaved=0, num_heads=num_heads)
+    return op.RotaryEmbedding(x, cos, sin, interleaved=0)
+
+
+def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, bias: Any = None,
+                      scale: float = 1.0, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+    """``headsmith.attention_bias_kv_bsd`` (causal) as onnxruntime's ``com.microsoft.GroupQueryAttention``:
+    3-D ``q/k/v`` as the projections produce them, the shared mask (causal, window, sinks, padding) as
+    ``attention_bias``, ``seqlens_k = P+T-1`` from the mask's length. GQA appends the new K/V itself; when the
+    runtime binds one buffer as both past and present, it writes them in place (no copy of the cache)."""
+    from onnxscript import opset20 as op
+
+    msft = gqa_opset()
+    # from the shared bias, so every layer's copy of these nodes is the same and onnxruntime merges them
+    seqlens, total32 = _gqa_lengths(op.Shape(bias, start=3, end=4), op.Shape(bias, start=0, end=1))
+    return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, None, None, None, bias, _outputs=3,
+                                    num_heads=n_heads, kv_num_heads=n_kv_heads, scale=scale, local_window_size=-1)
+
+
+def _bias_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, bias: Any = None,
+                       scale: float = 1.0, softcap: float = 0.0) -> Any:
+    """``headsmith.attention_bias_kv`` with static head counts: ``q[B,Hq,T,D]`` is reshaped (no copy) to
+    ``[B,Hkv,rep*T,D]`` so each KV head is read once; the shared ``bias[B|1,1,T,Tk]`` is tiled to ``rep*T``
+    rows (the same node in every layer with the same grouping, which onnxruntime's CSE merges)."""
+    from onnxscript import opset23 as op
+
+    hq, d = q.shape[1], q.shape[3]
+    hkv, dv = k.shape[1], v.shape[3]
+    if not all(isinstance(n, int) for n in (hq, d, hkv, dv)):
+        raise BackendError("attention_bias_kv needs static head counts and head dims")
+    rep = hq // hkv
+    k_all, v_all = _concat_or(past_k, k), _concat_or(past_v, v)
+    q = op.Mul(q, op.Constant(value_float=scale))
+    q_g = op.Reshape(q, op.Constant(value_ints=[0, hkv, -1, d])) if rep > 1 else q
+    scores = op.MatMul(q_g, op.Transpose(k_all, perm=[0, 1, 3, 2]))  # [B,Hkv,rep*T,Tk]
+    if softcap > 0.0:
+        scores = op.Mul(op.Tanh(op.Mul(scores, op.Constant(value_float=1.0 / softcap))),
+                        op.Constant(value_float=softcap))
+    if bias is not None:
+        scores = op.Add(scores, op.Tile(bias, op.Constant(value_ints=[1, 1, rep, 1])) if rep > 1 else bias)
+    probs = op.Softmax(scores, axis=-1)
+    out = op.MatMul(probs, v_all)  # [B,Hkv,rep*T,Dv]
+    if rep > 1:
+        out = op.Reshape(out, op.Constant(value_ints=[0, hq, -1, dv]))
+    return out, k_all, v_all
+
+
+_GQA_OPSET: Any = None
+
+
+def gqa_opset() -> Any:
+    """An onnxscript opset for ``com.microsoft`` v1 with ``GroupQueryAttention``'s schema registered.
+
+    onnx itself knows no onnxruntime contrib ops; the schema (inputs as in onnxruntime's ContribOperators.md)
+    is registered once per process so the exporter can build the node and the checker can validate it.
+    """
+    global _GQA_OPSET
+    if _GQA_OPSET is not None:
+        return _GQA_OPSET
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    try:
+        onnx.defs.get_schema("GroupQueryAttention", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        attr = OpSchema.Attribute
+        schema = OpSchema(
+            "GroupQueryAttention", "com.microsoft", 1,
+            "onnxruntime contrib op: grouped-query attention with KV cache (see onnxruntime ContribOperators.md)",
+            inputs=[fp("query", "T"), fp("key", "T", param_option=opt), fp("value", "T", param_option=opt),
+                    fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
+                    fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
+                    fp("cos_cache", "T", param_option=opt), fp("sin_cache", "T", param_option=opt),
+                    fp("position_ids", "P", param_option=opt), fp("attention_bias", "T", param_option=opt)],
+            outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types"),
+                              ("M", ["tensor(int32)"], "lengths"), ("P", ["tensor(int64)"], "positions")],
+            attributes=[attr("num_heads", OpSchema.AttrType.INT, "query heads"),
+                        attr("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
+                        attr("scale", OpSchema.AttrType.FLOAT, "softmax scale", required=False),
+                        attr("softcap", OpSchema.AttrType.FLOAT, "score softcap", required=False),
+                        attr("local_window_size", OpSchema.AttrType.INT, "sliding window (-1: none)", required=False),
+                        attr("do_rotary", OpSchema.AttrType.INT, "apply rotary inside", required=False),
+                        attr("rotary_interleaved", OpSchema.AttrType.INT, "interleaved rotary", required=False),
+                        attr("smooth_softmax", OpSchema.AttrType.INT, "smooth softmax", required=False)])
+        onnx.defs.register_schema(schema)
+    _GQA_OPSET = onnxscript.values.Opset("com.microsoft", 1)
+    return _GQA_OPSET
+
+
+def _gqa_lengths(total: Any, batch: Any) -> tuple[Any, Any]:
+    """GQA's ``seqlens_k`` (``P+T-1`` for every row, int32 ``[B]``) and ``total_sequence_length`` (int32 scalar)
+    from the key length ``total`` and ``batch`` (both 1-D int64 shapes)."""
+    from onnxscript import opset20 as op
+    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
+    return seqlens, op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
+
+
+def _gqa_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, key_mask: Any = None,
+                      causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
+                      softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+    """``headsmith.attention_kv`` as onnxruntime's fused ``com.microsoft.GroupQueryAttention``.
+
+    GQA is always causal, takes ``[B,T,H*D]`` inputs and appends the new K/V to the past itself. Left padding
+    becomes an additive ``attention_bias[B,1,1,P+T]``; ``seqlens_k`` is ``P+T-1`` for every row. Layers GQA
+    cannot express (bidirectional, attention sinks, different K/V head dims) use the plain translation.
+    """
+    from onnxscript import opset20 as op
+
+    if not causal or sinks > 0 or n_heads <= 0 or n_kv_heads <= 0:
+        return _plain_attention_kv(q, k, v, past_k, past_v, key_mask, causal, scale, window, sinks, softcap, layer,
+                                   n_heads, n_kv_heads)
+    msft = gqa_opset()
+    flat = op.Constant(value_ints=[0, 0, -1])
+    q3 = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), flat)
+    k3 = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), flat)
+    v3 = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), flat)
+    batch = op.Shape(q, start=0, end=1)
+    if key_mask is not None:
+        total = op.Shape(key_mask, start=1, end=2)
+    else:
+        kv_len = op.Shape(k, start=2, end=3)
+        total = kv_len if past_k is None else op.Add(op.Shape(past_k, start=2, end=3), kv_len)
+    seqlens, total32 = _gqa_lengths(total, batch)
+    bias = None
+    if key_mask is not None:
+        keys = op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2]))
+        bias = op.Where(keys, op.CastLike(op.Constant(value_float=0.0), q), op.CastLike(op.Constant(value_float=NEG), q))
+        new = op.Shape(q, start=2, end=3)  # GQA wants the bias as [B, 1, T, P+T]
+        bias = op.Expand(bias, op.Concat(batch, op.Constant(value_ints=[1]), new, total, axis=0))
+    attrs: dict[str, Any] = {"num_heads": n_heads, "kv_num_heads": n_kv_heads,
+                             "local_window_size": window if window > 0 else -1}
+    if scale > 0.0:
+        attrs["scale"] = scale
+    if softcap > 0.0:
+        attrs["softcap"] = softcap
+    out, present_k, present_v = msft.GroupQueryAttention(q3, k3, v3, past_k, past_v, seqlens, total32, None, None,
+                                                         None, bias, _outputs=3, **attrs)
+    out4 = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, n_heads, -1])), perm=[0, 2, 1, 3])
+    return out4, present_k, present_v
+
+
+#: ``fused``: onnx_fusions.py's rewrites, opset 23 and GroupQueryAttention for causal layers (onnxruntime);
+#: ``plain``: opset-20 standard ops only (portable; what TensorRT parses); ``gqa``: plain + GroupQueryAttention.
+VARIANTS = {"fused": _plain_attention_kv, "plain": _plain_attention_kv, "gqa": _gqa_attention_kv}
+DEFAULT_VARIANT = "fused"
+
+
+def translations(variant: str) -> dict[Any, Any]:
+    """``custom_translation_table`` entries for headsmith's attention and fused ops under ``variant``."""
+    ops = torch.ops.headsmith
+    return {ATTENTION: _plain_attention, ops.attention_kv.default: VARIANTS[variant],
+            ops.rms_norm.default: _rms_norm, ops.rotary.default: _rotary,
+            ops.attention_bias_kv.default: _bias_attention_kv, ops.attention_bias_kv_bsd.default: _bsd_attention_kv}
