@@ -20,7 +20,7 @@ from _common import OUT, machine, table
 
 import headsmith
 from headsmith.backends.artifact import read_artifact
-from headsmith.eval.data import EVAL_TEXT, tokenize
+from headsmith.corpus import EVAL_TEXT, tokenize
 from headsmith.eval.metrics import embeddings, perplexity, sentences
 from headsmith.passes import PassContext
 from headsmith.runtime.bench import prompt_tokens, time_engine

@@ -20,7 +20,7 @@ import transformers
 
 import headsmith
 from headsmith.backends.hf_export import export_hf
-from headsmith.eval.data import EVAL_TEXT, tokenize
+from headsmith.corpus import EVAL_TEXT, tokenize
 
 
 def main() -> None:

@@ -352,7 +352,7 @@ def eval_cmd(
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Compare with the source model.")] = True,
 ) -> None:
     """Perplexity on a text (KL / top-1 agreement with the source when it can be loaded); encoders: embedding cosine."""
-    from .eval.data import EVAL_TEXT, read_text, tokenize
+    from .corpus import EVAL_TEXT, read_text, tokenize
     from .eval.metrics import embedding_similarity, hf_forward, perplexity, sentences
     from .runtime.engine import engine_for
 

@@ -233,13 +233,18 @@ def _attention_bias_kv_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | No
 
 @torch.library.custom_op("headsmith::attention_bias_kv_bsd", mutates_args=())
 def attention_bias_kv_bsd(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
-                          bias: Tensor | None, scale: float, n_heads: int,
-                          n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+                          bias: Tensor | None, scale: float, n_heads: int, n_kv_heads: int, window: int = 0,
+                          key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Causal ``attention_bias_kv`` (no softcap) on flattened heads, the layout of onnxruntime's
     ``GroupQueryAttention`` (the causal mask is in ``bias`` as well):
     ``q[B,T,Hq*D]``, ``k[B,T,Hkv*D]``, ``v[B,T,Hkv*Dv]`` -> ``(out[B,T,Hq*Dv], present_k[B,Hkv,P+T,D],
-    present_v[B,Hkv,P+T,Dv])``; the caches keep the ``[B,H,T,D]`` layout."""
+    present_v[B,Hkv,P+T,Dv])``; the caches keep the ``[B,H,T,D]`` layout. Without ``bias`` the mask is built
+    here: causal, a sliding ``window`` and the padding of ``key_mask[B,P+T]`` (the form of the decode graph for
+    steps without padding, whose kernel applies causality and the window itself)."""
     b, t = q.shape[0], q.shape[1]
+    if bias is None:
+        total = (past_k.shape[2] if past_k is not None else 0) + t
+        bias = attention_mask_bias(key_mask, t, total, True, window, 0, q.dtype, q.device)
 
     def heads(x: Tensor, n: int) -> Tensor:
         return x.reshape(b, t, n, x.shape[-1] // n).transpose(1, 2)
@@ -251,8 +256,8 @@ def attention_bias_kv_bsd(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None
 
 @attention_bias_kv_bsd.register_fake
 def _attention_bias_kv_bsd_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
-                                bias: Tensor | None, scale: float, n_heads: int,
-                                n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+                                bias: Tensor | None, scale: float, n_heads: int, n_kv_heads: int, window: int = 0,
+                                key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     b, t = q.shape[0], q.shape[1]
     d, dv = k.shape[-1] // n_kv_heads, v.shape[-1] // n_kv_heads
     past = 0 if past_k is None else past_k.shape[2]

@@ -15,6 +15,10 @@ tensors; nothing is dequantised on disk or in memory):
   ``2**(bits-1)``;
 - the weight is ``w[n, b*G + i] = (q[n, b, i] - z[n, b]) * s[n, b]``.
 
+When ``G`` does not divide ``K`` the last block is padded with zero weights (``nb = ceil(K / G)``; MatMulNBits
+pads the same way and takes ``K`` as an attribute), so any width quantises (MLA's latent projections have
+widths like 24 or 200); the op reads ``K`` from its input.
+
 A block of 32 4-bit weights with one fp32 scale is 4 + 4/32 = 5 bits per weight (llama.cpp's Q4_0, with an
 fp16 scale, is 4.5); with zero points 5.25. Rows are independent, so concatenating two packed weights along N
 is concatenating the linears' outputs (the ONNX backend's q/k/v and gate/up fusion relies on it).
@@ -46,27 +50,30 @@ class Packed:
     zeros: Tensor | None
     bits: int
     group: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.scales.shape[0]), int(self.scales.shape[1]) * self.group
+    width: int
+    """``K``, the input features (the blocks may cover a few more, zero-padded)."""
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize(self.packed, self.scales, self.zeros, self.bits, self.group, dtype)
+        return dequantize(self.packed, self.scales, self.zeros, self.bits, self.group, dtype)[:, :self.width]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros) if t is not None)
 
 
-def check_format(n_in: int, bits: int, group: int) -> str | None:
-    """Why ``bits``/``group`` cannot quantise a weight with ``n_in`` input features (None: they can)."""
+def check_format(bits: int, group: int) -> str | None:
+    """Why ``bits``/``group`` do not make a valid block format (None: they do)."""
     if bits not in BITS:
         return f"{bits}-bit weights are not supported (choose {' or '.join(map(str, BITS))})"
     if group < 16 or group & (group - 1):
         return f"group {group} is not a power of two >= 16 (the block sizes onnxruntime's kernels take)"
-    if n_in % group:
-        return f"group {group} does not divide the input width {n_in}"
     return None
+
+
+def padded(w_NK: Tensor, group: int) -> Tensor:
+    """``w`` as float32 with zero columns appended up to a multiple of ``group``."""
+    w = w_NK.detach().float()
+    extra = -w.shape[1] % group
+    return torch.nn.functional.pad(w, (0, extra)) if extra else w
 
 
 def pack(q_NK: Tensor, bits: int, group: int) -> Tensor:
@@ -113,23 +120,32 @@ def dequantize(packed: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, 
     return w.reshape(w.shape[0], -1)
 
 
-def quantize_rtn(w_NK: Tensor, bits: int, group: int, sym: bool = True) -> Packed:
+def quantize_rtn(w_NK: Tensor, bits: int, group: int, sym: bool = True, search: bool = False,
+                 importance_K: Tensor | None = None) -> Packed:
     """Round-to-nearest per block. Symmetric: ``s = m / -2**(bits-1)`` with ``m`` the block's value of largest
     magnitude, so it lands exactly on the lowest code and the whole range ``[-2**(bits-1), 2**(bits-1))`` is
     used (llama.cpp's Q4_0 rule; for 8 bits ``s = max|w| / 127``, as Q8_0). Asymmetric: ``s = (max - min) /
-    (2**bits - 1)`` and an integer zero point."""
-    scales, zeros = block_params(w_NK, bits, group, sym)
-    return make_packed(codes(w_NK, scales, zeros, bits, group), scales, zeros, bits, group)
+    (2**bits - 1)`` and an integer zero point. ``search`` clips each block's range where that rounds better
+    (:func:`searched_params`, weighted by ``importance_K``)."""
+    w = padded(w_NK, group)
+    if search:
+        imp = padded(importance_K[None], group)[0] if importance_K is not None else None
+        scales, zeros = searched_params(w, bits, group, sym, imp)
+    else:
+        scales, zeros = block_params(w, bits, group, sym)
+    return make_packed(codes(w, scales, zeros, bits, group), scales, zeros, bits, group, int(w_NK.shape[1]))
 
 
-def make_packed(q_NK: Tensor, scales: Tensor, zeros_NB: Tensor | None, bits: int, group: int) -> Packed:
-    """A :class:`Packed` from integer codes ``[N, K]``, scales ``[N, nb]`` and unpacked zero points ``[N, nb]``."""
+def make_packed(q_NK: Tensor, scales: Tensor, zeros_NB: Tensor | None, bits: int, group: int, width: int) -> Packed:
+    """A :class:`Packed` from integer codes ``[N, nb*G]`` (padded), scales ``[N, nb]`` and unpacked zero points
+    ``[N, nb]``, for a weight with ``width`` input features."""
     zeros = pack_zeros(zeros_NB, bits) if zeros_NB is not None else None
-    return Packed(pack(q_NK, bits, group), scales.float().contiguous(), zeros, bits, group)
+    return Packed(pack(q_NK, bits, group), scales.float().contiguous(), zeros, bits, group, width)
 
 
 def block_params(w_NK: Tensor, bits: int, group: int, sym: bool) -> tuple[Tensor, Tensor | None]:
-    """RTN scales ``[N, nb]`` (float32) and zero points (``[N, nb]`` uint8, unpacked; None when symmetric)."""
+    """RTN scales ``[N, nb]`` (float32) and zero points (``[N, nb]`` uint8, unpacked; None when symmetric) of a
+    weight whose width is a multiple of ``group`` (see :func:`padded`)."""
     n, k = w_NK.shape
     w = w_NK.detach().float().reshape(n, k // group, group)
     top = (1 << bits) - 1
@@ -145,6 +161,36 @@ def block_params(w_NK: Tensor, bits: int, group: int, sym: bool) -> tuple[Tensor
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     zeros = torch.round(-lo / scales).clamp(0, top).to(torch.uint8)
     return scales, zeros
+
+
+def searched_params(w_NK: Tensor, bits: int, group: int, sym: bool, importance_K: Tensor | None = None,
+                    shrink: int = 20, lowest: float = 0.6) -> tuple[Tensor, Tensor | None]:
+    """Block parameters with the range clipped per block where that lowers the block's rounding error
+    ``sum_k imp_k (w_k - dq_k)^2``: the RTN range is shrunk by factors from 1 down to ``lowest`` (``shrink``
+    steps) and each block keeps its best (GPTQ's ``mse`` grid, AWQ's clipping, weighted here by ``importance``,
+    e.g. the inputs' mean square, so channels with large activations count more). ``w`` is padded (see
+    :func:`padded`)."""
+    n, k = w_NK.shape
+    w = w_NK.detach().float()
+    imp = importance_K.float().reshape(1, k // group, group) if importance_K is not None else None
+    best_err: Tensor | None = None
+    best_s, best_z = block_params(w, bits, group, sym)
+    for i in range(shrink + 1):
+        c = 1.0 - (1.0 - lowest) * i / shrink
+        s_c, z_c = block_params(w * c, bits, group, sym)
+        q = codes(w, s_c, z_c, bits, group).reshape(n, k // group, group).float()
+        z = z_c.float()[..., None] if z_c is not None else float(1 << (bits - 1))
+        err = ((q - z) * s_c[..., None] - w.reshape(n, k // group, group)).pow(2)
+        err = (err * imp if imp is not None else err).sum(-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s_c, best_s)
+        if best_z is not None and z_c is not None:
+            best_z = torch.where(better, z_c, best_z)
+    return best_s, best_z
 
 
 def codes(w_NK: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group: int) -> Tensor:
@@ -163,7 +209,7 @@ def codes(w_NK: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group: 
 def linear_q(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None, bits: int,
              group: int) -> Tensor:
     """``linear(x, dequantize(packed, scales, zeros), bias)`` (reference kernel; see the module docstring)."""
-    w = dequantize(packed, scales, zeros, bits, group, x.dtype)
+    w = dequantize(packed, scales, zeros, bits, group, x.dtype)[:, :x.shape[-1]]
     return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 
 
@@ -176,7 +222,8 @@ def _linear_q_fake(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | No
 @torch.library.custom_op("headsmith::embedding_q", mutates_args=())
 def embedding_q(packed: Tensor, scales: Tensor, zeros: Tensor | None, ids: Tensor, bits: int,
                 group: int) -> Tensor:
-    """``embedding(dequantize(packed, scales, zeros), ids)``, dequantising only the rows looked up."""
+    """``embedding(dequantize(packed, scales, zeros), ids)``, dequantising only the rows looked up (tables are
+    not padded: ``quantize`` keeps a table whose width ``group`` does not divide in float)."""
     flat = ids.reshape(-1)
     rows = dequantize(packed[flat], scales[flat], zeros[flat] if zeros is not None else None, bits, group)
     return rows.reshape(*ids.shape, rows.shape[-1])

@@ -2,15 +2,15 @@
 
     python scripts/make_texts.py
 
-Writes headsmith/eval/data/kjv_calibration.txt (Genesis and Exodus: calibration and healing) and
-headsmith/eval/data/kjv_eval.txt (the Gospel of John: held-out evaluation), one chapter per paragraph.
+Writes headsmith/data/kjv_calibration.txt (Genesis and Exodus: calibration and healing) and
+headsmith/data/kjv_eval.txt (the Gospel of John: held-out evaluation), one chapter per paragraph.
 """
 
 import re
 import subprocess
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "headsmith" / "eval" / "data"
+OUT = Path(__file__).resolve().parent.parent / "headsmith" / "data"
 
 
 def prose(spec: str) -> str:

@@ -66,7 +66,7 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A 128-token BPE trained on the bundled calibration text, so tiny models can read real text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from headsmith.eval.data import CALIBRATION_TEXT
+    from headsmith.corpus import CALIBRATION_TEXT
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()

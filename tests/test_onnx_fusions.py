@@ -127,3 +127,31 @@ def test_kv_cache_in_place_grows_truncates_and_keeps_values() -> None:
     cache.truncate(2)
     assert cache.length == 2
     np.testing.assert_array_equal(cache.valid()[0], first[:, :, :2])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "mistral"])
+def test_dense_decode_graph_for_steps_without_padding(arch: str) -> None:
+    """Without padding the engine runs ``decode_dense.onnx`` (GQA without a mask input: its own causality and
+    ``local_window_size``); token by token and 12 tokens at once past the sliding window it equals the program,
+    and a padded batch after it switches to ``decode.onnx`` on the same cache buffers."""
+    path = artifact(arch, "onnx")
+    backend = read_artifact(path).manifest["backend"]
+    assert backend["decode_dense"] == "decode_dense.onnx"
+    dense = onnx.load(str(path / "decode_dense.onnx"), load_external_data=False)
+    gqa = [n for n in dense.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(len(n.input) <= 7 for n in gqa)  # no attention_bias
+    assert not any(n.op_type == "Where" for n in dense.graph.node)  # and no mask is built
+    program = tiny_program(arch)
+    engine = engine_for(read_artifact(path))
+    assert "decode" not in engine._sessions  # the padded graph loads when first needed
+    ids, pos, mask = program.example_inputs(1, 24, seed=7)
+    full = program(ids, mask, pos)
+    _, cache = engine.prefill(ids[:, :4], mask[:, :4], pos[:, :4])
+    for t in range(4, 12):
+        logits, cache = engine.decode(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], cache)
+        assert float((logits[:, 0] - full[:, t]).abs().max()) <= 1e-4
+    assert cache.binding is not None and cache.binding[0][0] == id(engine.session("decode_dense"))
+    logits, cache = engine.decode(ids[:, 12:], mask, pos[:, 12:], cache)
+    assert float((logits - full[:, 12:]).abs().max()) <= 1e-4
+    result = generate(engine, PROMPTS, GenerationConfig(max_new_tokens=16, stop_tokens=()))  # left padding
+    assert result.tokens == [t[:16] for t in hf_greedy(arch)] and "decode" in engine._sessions

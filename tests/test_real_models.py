@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import headsmith
-from headsmith.eval.data import EVAL_TEXT, tokenize
+from headsmith.corpus import EVAL_TEXT, tokenize
 from headsmith.frontend.builtin import resolve_builtin
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]

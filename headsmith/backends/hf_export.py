@@ -81,6 +81,11 @@ def export_hf(program: Program, out: Path) -> Path:
     """Write ``program`` as an HF checkpoint directory ``out`` (atomically); returns ``out``."""
     import transformers
 
+    if program.quantized:
+        raise BackendError("--export hf cannot write quantised weights yet: the packed blocks of `quantize` have no "
+                           "transformers format that loads without extra packages (compressed-tensors, GPTQ)",
+                           "export the float program (drop quantize(...) from --passes), or deploy the quantised "
+                           "program with --backend onnx / torch")
     if any(layer.latent for layer in program.spec().layers):
         config_dict, state = deepseek_checkpoint(program)
     else:

@@ -43,8 +43,9 @@ FUSED_OPSET = 23  # RMSNormalization and RotaryEmbedding (see onnx_fusions.py)
 
 def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple[Any, ...], path: Path,
                  input_names: list[str], output_names: list[str], variant: str = DEFAULT_VARIANT,
-                 optimize: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> None:
-    """Export one graph to ``path`` (with its weights in ``path.name + '.data'``)."""
+                 optimize: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, dense: bool = False) -> None:
+    """Export one graph to ``path`` (with its weights in ``path.name + '.data'``); ``dense``: the fused
+    lowering's form for inputs without padding (``GroupQueryAttention`` without a mask input)."""
     from ..fxutil import clone_module
 
     gm = clone_module(gm)
@@ -53,7 +54,7 @@ def export_graph(gm: fx.GraphModule, example: tuple[Tensor, ...], dynamic: tuple
     opset = OPSET
     if variant == "fused":
         from .onnx_fusions import fuse_for_ort
-        fuse_for_ort(gm)
+        fuse_for_ort(gm, dense)
         opset = FUSED_OPSET
     ep = _export(gm, example, dynamic)
     table = {**translations(variant), **quant_translations(accuracy_level)}
@@ -189,12 +190,22 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
                  inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
                  variant, accuracy_level=accuracy_level)
     share_weights(directory / "prefill.onnx", directory / "decode.onnx")
-    for name in ("prefill.onnx", "decode.onnx"):
+    names = ["prefill.onnx", "decode.onnx"]
+    gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
+    extra: dict[str, Any] = {}
+    if variant == "fused" and in_place:  # steps without padding run GQA without its (slow) attention_bias
+        _say(progress, "exporting decode_dense.onnx (steps without padding)")
+        export_graph(dec, (ids2, pos2, mask2, *cache), decode_dynamic(len(cache)), directory / "decode_dense.onnx",
+                     inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
+                     variant, accuracy_level=accuracy_level, dense=True)
+        share_weights(directory / "prefill.onnx", directory / "decode_dense.onnx")
+        names.append("decode_dense.onnx")
+        extra["decode_dense"] = "decode_dense.onnx"
+    for name in names:
         onnx.checker.check_model(str(directory / name), full_check=False)
     opset = FUSED_OPSET if variant == "fused" else OPSET
-    gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
     return {"name": "onnx", "attention": variant, "opset": opset, "gqa_layers": gqa_layers, "kv_in_place": in_place,
-            **quantized, "prefill": "prefill.onnx", "decode": "decode.onnx", "cache": layout_dict(entries)}
+            **quantized, "prefill": "prefill.onnx", "decode": "decode.onnx", **extra, "cache": layout_dict(entries)}
 
 
 def _gqa_presents(path: Path) -> tuple[int, bool]:

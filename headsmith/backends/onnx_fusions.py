@@ -323,10 +323,12 @@ def _merged_heads_user(out4: fx.Node) -> fx.Node | None:
     return None
 
 
-def flatten_attention_heads(gm: fx.GraphModule) -> int:
+def flatten_attention_heads(gm: fx.GraphModule, dense: bool = False) -> int:
     """Causal ``attention_bias_kv`` without softcap -> ``attention_bias_kv_bsd`` on ``[B,T,H*D]`` tensors: the
     view/transpose pairs around attention (and rotary) disappear, and onnxruntime's ``GroupQueryAttention``
-    takes the tensors as the projections produce them. The caches keep their ``[B,H,T,D]`` layout."""
+    takes the tensors as the projections produce them. The caches keep their ``[B,H,T,D]`` layout. ``dense``
+    (the decode graph for steps without padding): layers without attention sinks drop the bias and pass the
+    window and the key mask (for its length) instead."""
     graph = gm.graph
     count = 0
     # a graph with cache inputs (decode) whose attention got no past concatenates its cache elsewhere
@@ -339,10 +341,16 @@ def flatten_attention_heads(gm: fx.GraphModule) -> int:
             continue
         if past_k is None and has_cache_inputs:  # keys built from a cache outside the op (a KV cache gathered
             continue                             # after concatenation, an MLA latent): GQA cannot take them
+        if qs[3] != vs[3]:  # GQA has one head size: its shape inference gives the output q's width (MLA's values
+            continue        # are narrower), which breaks the shapes of the consumers (MatMulNBits checks them)
         hq, hkv = int(qs[1]), int(ks[1])
         q3, k3, v3 = (_as_bsd(graph, x, h, node) for x, h in ((q, hq), (k, hkv), (v, hkv)))
+        extra: tuple[Any, ...] = ()
+        if dense and is_call(bias, mask_bias) and bias.args[0] is not None and bias.args[5] == 0:  # no sinks
+            extra, bias = (int(bias.args[4]), bias.args[0]), None  # type: ignore[union-attr]
         with graph.inserting_before(node):
-            fused = graph.call_function(ATTENTION_BIAS_KV_BSD, (q3, k3, v3, past_k, past_v, bias, scale, hq, hkv))
+            fused = graph.call_function(ATTENTION_BIAS_KV_BSD, (q3, k3, v3, past_k, past_v, bias, scale, hq, hkv,
+                                                                *extra))
         for user in list(node.users):
             index = user.args[1]
             with graph.inserting_before(user):
@@ -364,7 +372,7 @@ def flatten_attention_heads(gm: fx.GraphModule) -> int:
     return _finish(gm, count)
 
 
-def fuse_for_ort(gm: fx.GraphModule) -> dict[str, int]:
-    """All rewrites above, in order; the counts per rewrite."""
+def fuse_for_ort(gm: fx.GraphModule, dense: bool = False) -> dict[str, int]:
+    """All rewrites above, in order; the counts per rewrite (``dense``: see :func:`flatten_attention_heads`)."""
     return {"rms_norm": fuse_rms_norm(gm), "rotary": fuse_rotary(gm), "attention_masks": hoist_attention_masks(gm),
-            "flat_heads": flatten_attention_heads(gm)}
+            "flat_heads": flatten_attention_heads(gm, dense)}

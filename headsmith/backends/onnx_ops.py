@@ -104,14 +104,24 @@ def _rotary(x: Any, cos: Any, sin: Any, num_heads: int = 0) -> Any:
 
 
 def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, bias: Any = None,
-                      scale: float = 1.0, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+                      scale: float = 1.0, n_heads: int = 0, n_kv_heads: int = 0, window: int = 0,
+                      key_mask: Any = None) -> Any:
     """``headsmith.attention_bias_kv_bsd`` (causal) as onnxruntime's ``com.microsoft.GroupQueryAttention``:
     3-D ``q/k/v`` as the projections produce them, the shared mask (causal, window, sinks, padding) as
     ``attention_bias``, ``seqlens_k = P+T-1`` from the mask's length. GQA appends the new K/V itself; when the
-    runtime binds one buffer as both past and present, it writes them in place (no copy of the cache)."""
+    runtime binds one buffer as both past and present, it writes them in place (no copy of the cache).
+
+    Without ``bias`` (``decode_dense.onnx``, run only for steps without padding) GQA gets no ``attention_bias``:
+    causality is its own and the window its ``local_window_size``; ``key_mask`` gives only the length P+T.
+    onnxruntime's CPU kernel is markedly faster without the bias (docs/precision.md)."""
     from onnxscript import opset20 as op
 
     msft = gqa_opset()
+    if bias is None:
+        seqlens, total32 = _gqa_lengths(op.Shape(key_mask, start=1, end=2), op.Shape(q, start=0, end=1))
+        return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, _outputs=3, num_heads=n_heads,
+                                        kv_num_heads=n_kv_heads, scale=scale,
+                                        local_window_size=window if window > 0 else -1)
     # from the shared bias, so every layer's copy of these nodes is the same and onnxruntime merges them
     seqlens, total32 = _gqa_lengths(op.Shape(bias, start=3, end=4), op.Shape(bias, start=0, end=1))
     return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, None, None, None, bias, _outputs=3,

@@ -88,7 +88,7 @@ def translations(accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[Any, Any]
     def linear_q(x: Any, packed: Any, scales: Any, zeros: Any = None, bias: Any = None, bits: int = 4,
                  group: int = 32) -> Any:
         n = _static(scales.shape[0], "output width")
-        k = _static(scales.shape[1], "block count") * group
+        k = _static(x.shape[-1], "input width")  # may be less than the blocks cover (zero-padded last block)
         return quant_opset().MatMulNBits(x, packed, scales, zeros, None, bias, K=k, N=n, bits=bits, block_size=group,
                                          accuracy_level=accuracy_level)
 

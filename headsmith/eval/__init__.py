@@ -1,1 +1,1 @@
-"""Evaluation: perplexity, agreement with the source model, embedding similarity; bundled texts."""
+"""Evaluation: perplexity, agreement with the source model, embedding similarity (the bundled texts are in headsmith.corpus)."""

@@ -109,13 +109,16 @@ class PassContext:
         self.warnings.append(message)
         self.say(f"warning: {message}")
 
-    def calibration(self, program: Program) -> Tensor:
-        """Calibration token ids ``[N, L]`` from the calibration text (random ids without a tokenizer)."""
-        if self._calibration is None:
-            from ..eval.data import calibration_batches
-            self._calibration = calibration_batches(program, self.calibration_tokens, self.calibration_text,
-                                                    seed=self.seed)
-        return self._calibration
+    def calibration(self, program: Program, tokens: int | None = None) -> Tensor:
+        """Calibration token ids ``[N, L]`` from the calibration text (random ids without a tokenizer): the first
+        ``calibration_tokens`` tokens, or ``tokens`` when a pass asks for a different amount."""
+        want = tokens if tokens is not None else self.calibration_tokens
+        if self._calibration is None or self._calibration.numel() < want:
+            from ..corpus import calibration_batches
+            self._calibration = calibration_batches(program, max(want, self.calibration_tokens),
+                                                    self.calibration_text, seed=self.seed)
+        rows = max(1, -(-want // self._calibration.shape[1]))
+        return self._calibration[:rows]
 
 
 class Pass:

@@ -64,7 +64,7 @@ class Heal(Pass):
         if teacher is None or teacher is program:
             raise PassError("heal needs an earlier pass to undo: it distils the program from the one the pipeline "
                             "started with", "put heal after a lossy pass, e.g. 'gqa(kv_heads=1), heal(steps=100)'")
-        from ..eval.data import CALIBRATION_TEXT, read_text, tokenize
+        from ..corpus import CALIBRATION_TEXT, read_text, tokenize
         student = program.clone()
         names = self._targets(student)
         params = trainable(student.gm, names)
@@ -73,7 +73,7 @@ class Heal(Pass):
         report: dict[str, object] = {"trained_tensors": len(params),
                                      "trained_params": int(sum(p.numel() for p in params))}
         if self.eval_tokens > 0 and student.tokenizer is not None:
-            from ..eval.data import EVAL_TEXT
+            from ..corpus import EVAL_TEXT
             held_out = tokenize(student.tokenizer, EVAL_TEXT.read_text(), self.eval_tokens)
             report["before"] = _held_out_metrics(teacher, student, held_out)
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
@@ -132,7 +132,7 @@ class Heal(Pass):
         return names
 
     def _rows(self, program: Program, text: str) -> Tensor:
-        from ..eval.data import tokenize
+        from ..corpus import tokenize
         if program.tokenizer is None:
             g = torch.Generator().manual_seed(0)
             return torch.randint(0, program.info.vocab_size, (256, self.seq_len), generator=g)

@@ -41,7 +41,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, fx
 
-from ..errors import PassError
 from ..fxutil import add_weight, erase_dead, is_call, prune_unused_attrs, weight_of
 from ..program import Program
 from ..qweights import EMBEDDING_Q, LINEAR_Q, Packed, check_format, quantize_rtn
@@ -65,7 +64,8 @@ class Quantize(Pass):
     weights: Literal["int4", "int8", "bf16", "fp16"] = "int4"
     """Weight precision: int4 or int8 blocks with one scale each, or bf16 / fp16."""
     group: int = 32
-    """Input features per block that share a scale (a power of two >= 16 dividing every input width)."""
+    """Input features per block that share a scale (a power of two >= 16; a width it does not divide is
+    zero-padded to whole blocks)."""
     method: Literal["rtn", "gptq", "awq"] = "rtn"
     """rtn (round to nearest), gptq (error feedback through the inverse Hessian), awq (activation-aware scales)."""
     sym: bool = True
@@ -73,14 +73,22 @@ class Quantize(Pass):
     head: Literal["auto", "same", "int8", "float"] = "auto"
     """Precision of the LM head and the token embedding: auto (int8 when weights=int4, else same), same, int8,
     float (unquantised)."""
+    high: tuple[str, ...] = ()
+    """Linears stored in int8 when weights=int4: those whose weight name contains one of these strings (e.g.
+    ``[down_proj, layers.0.]``)."""
     calibration_tokens: int = 2048
     """Calibration tokens for gptq's Hessians and awq's activation statistics."""
+    damp: float = 0.01
+    """gptq: damping added to the Hessian's diagonal, as a fraction of its mean."""
+    clip: bool = False
+    """Search a clipped range per block where it rounds better (weighted by the inputs' mean square for gptq and
+    awq, plain weight error for rtn)."""
 
     def __post_init__(self) -> None:
         if self.calibration_tokens < 1:
             raise ValueError(f"calibration_tokens must be >= 1, got {self.calibration_tokens}")
         if self.weights in INT_BITS:
-            problem = check_format(self.group * 8, INT_BITS[self.weights], self.group)
+            problem = check_format(INT_BITS[self.weights], self.group)
             if problem is not None:
                 raise ValueError(problem)
         elif self.method != "rtn":
@@ -92,11 +100,16 @@ class Quantize(Pass):
             return "int8" if self.weights == "int4" else "same"
         return self.head
 
+    def _precision(self, weight: str) -> str:
+        if self.weights == "int4" and any(part in weight for part in self.high):
+            return "int8"
+        return self.weights
+
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         new = program.clone()
         gm = new.gm
         linears = float_linears(gm)
-        head = lm_head(gm)
+        head = lm_head(gm) if new.info.task == "causal-lm" else None
         embeddings = [n for n in gm.graph.nodes if is_call(n, aten.embedding.default)
                       and (w := weight_of(gm, n.args[0])) is not None and w.shape[0] == new.info.vocab_size]
         head_prec = self.head_precision()
@@ -104,28 +117,29 @@ class Quantize(Pass):
             linears = [n for n in linears if n is not head]
             embeddings = []
         if not linears:
+            ctx.warn(f"pass {self} found no float linear with a stored weight: the program is unchanged")
             return PassResult(new, modified=False, count=0)
         emb_prec = self.weights if head_prec == "same" else head_prec
-        prec = {n: (emb_prec if n is head else self.weights) for n in linears}
-        for node in linears:
-            if prec[node] not in INT_BITS:
-                continue
-            k = int(weight_of(gm, node.args[1]).shape[1])  # type: ignore[union-attr]
-            problem = check_format(k, INT_BITS[prec[node]], self.group)
-            if problem is not None:
-                with ctx.at(node):
-                    raise PassError(f"cannot quantise {node.args[1].target}: {problem}",  # type: ignore[union-attr]
-                                    "choose a group that divides every input width (e.g. group=32)")
+        prec = {n: (emb_prec if n is head else self._precision(str(n.args[1].target))) for n in linears}
+        head_group = self.group
+        if head is not None and emb_prec in INT_BITS:  # a tied table must be whole blocks (embedding_q pads none)
+            head_group = fit_group(int(weight_of(gm, head.args[1]).shape[1]), self.group)  # type: ignore[union-attr]
+        if emb_prec in INT_BITS:
+            kept = [e for e in embeddings if weight_of(gm, e.args[0]).shape[1] % head_group]  # type: ignore[union-attr]
+            if kept:
+                ctx.warn(f"{len(kept)} embedding table(s) are not a whole number of blocks: kept in float")
+            embeddings = [e for e in embeddings if e not in kept]
         report: dict[str, Any] = {"weights": self.weights, "method": self.method, "group": self.group,
-                                  "head": head_prec, "bytes_before": _bytes(new)}
+                                  "head": head_prec, "head_group": head_group, "bytes_before": _bytes(new)}
         ints = [n for n in linears if prec[n] in INT_BITS]
-        quantized = self._quantize_all(new, ints, {n: INT_BITS[prec[n]] for n in ints}, ctx, report) if ints else {}
+        formats = {n: (INT_BITS[prec[n]], head_group if n is head else self.group) for n in ints}
+        quantized = self._quantize_all(new, ints, formats, ctx, report) if ints else {}
         made = _rewrite_linears(gm, ints, quantized)
         for dtype_name, dtype in FLOAT16.items():
             _cast_weights(gm, [n for n in linears if prec[n] == dtype_name],
                           [e for e in embeddings if emb_prec == dtype_name], dtype)
         if emb_prec in INT_BITS:
-            _rewrite_embeddings(gm, embeddings, quantized, made, INT_BITS[emb_prec], self.group, self.sym)
+            _rewrite_embeddings(gm, embeddings, quantized, made, INT_BITS[emb_prec], head_group, self.sym)
         erase_dead(gm.graph)
         prune_unused_attrs(gm)
         gm.graph.lint()
@@ -135,14 +149,16 @@ class Quantize(Pass):
         report.update(linears=len(linears), embeddings=len(embeddings), bytes_after=_bytes(new))
         return PassResult(new, modified=True, count=len(linears), report=report)
 
-    def _quantize_all(self, program: Program, linears: list[fx.Node], bits: dict[fx.Node, int],
+    def _quantize_all(self, program: Program, linears: list[fx.Node], formats: dict[fx.Node, tuple[int, int]],
                       ctx: PassContext, report: dict[str, Any]) -> dict[int, Packed]:
-        """One :class:`Packed` per distinct weight tensor (by ``id``: a tied weight is quantised once)."""
+        """One :class:`Packed` per distinct weight tensor (by ``id``: a tied weight is quantised once), each in
+        its ``(bits, group)`` format."""
         gm = program.gm
+        importance: dict[fx.Node, Tensor] = {}
         if self.method == "awq":
             from .awq import apply_awq
             ids = _calibration(program, ctx, self.calibration_tokens)
-            report["awq"] = apply_awq(program, linears, bits, self.group, self.sym, ids)
+            report["awq"] = apply_awq(program, linears, formats, self.sym, ids, importance)
         hessians: dict[fx.Node, Tensor] = {}
         if self.method == "gptq":
             from .gptq import hessians as gptq_hessians
@@ -155,16 +171,27 @@ class Quantize(Pass):
             assert w is not None
             if id(w) in out:
                 continue
+            bits, group = formats[node]
             with ctx.at(node):
                 if self.method == "gptq":
                     from .gptq import gptq
-                    packed = gptq(w, hessians[node.args[0]], bits[node], self.group, self.sym)  # type: ignore[index]
+                    packed = gptq(w, hessians[node.args[0]], bits, group, self.sym, self.damp,  # type: ignore[index]
+                                  clip=self.clip)
                 else:
-                    packed = quantize_rtn(w, bits[node], self.group, self.sym)
-            errors.append(float((packed.dequantize() - w.float()).pow(2).mean() / w.float().pow(2).mean()))
+                    packed = quantize_rtn(w, bits, group, self.sym, self.clip, importance.get(node))
+            w32 = w.detach().float()
+            errors.append(float((packed.dequantize() - w32).pow(2).mean() / w32.pow(2).mean()))
             out[id(w)] = packed
         report["weight_rel_mse"] = sum(errors) / len(errors)
         return out
+
+
+def fit_group(width: int, group: int) -> int:
+    """The largest power of two ``<= group`` (and ``>= 16``) that divides ``width``; ``group`` if none does."""
+    g = group
+    while g >= 16 and width % g:
+        g //= 2
+    return g if g >= 16 else group
 
 
 def float_linears(gm: fx.GraphModule) -> list[fx.Node]:
@@ -194,8 +221,7 @@ def lm_head(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _calibration(program: Program, ctx: PassContext, tokens: int) -> Tensor:
-    calib = ctx.calibration(program)
-    return calib[: max(1, tokens // calib.shape[1])]
+    return ctx.calibration(program, tokens)
 
 
 def _cast_weights(gm: fx.GraphModule, linears: list[fx.Node], embeddings: list[fx.Node], dtype: torch.dtype) -> None:

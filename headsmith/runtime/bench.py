@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..eval.data import EVAL_TEXT, tokenize
+from ..corpus import EVAL_TEXT, tokenize
 from .engine import Engine
 
 

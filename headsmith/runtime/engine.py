@@ -138,7 +138,7 @@ class OrtEngine:
 
     @property
     def providers(self) -> list[str]:
-        key = "forward" if "forward" in self.backend else "decode"
+        key = "forward" if "forward" in self.backend else "prefill"
         return list(self.session(key).get_providers())
 
     @property
@@ -192,7 +192,9 @@ class OrtEngine:
         presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
         logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
         if cache.in_place:
-            self._run_in_place(cache, presents, _feeds(input_ids, position_ids, attention_mask), logits)
+            # no padding: the graph whose attention takes no mask (faster), when the artifact has one
+            key = "decode_dense" if "decode_dense" in self.backend and bool(attention_mask.all()) else "decode"
+            self._run_in_place(cache, presents, _feeds(input_ids, position_ids, attention_mask), logits, key)
             cache.commit(t)
             return torch.from_numpy(logits), cache
         feeds = _feeds(input_ids, position_ids, attention_mask)
@@ -204,10 +206,11 @@ class OrtEngine:
         return torch.from_numpy(logits), cache
 
     def _run_in_place(self, cache: KVCache, buffers: list[np.ndarray], feeds: dict[str, np.ndarray],
-                      logits: np.ndarray) -> None:
+                      logits: np.ndarray, graph: str = "decode") -> None:
         """One decode step on the shared buffers; their bindings are made once and kept on the cache until a
-        growth replaces the buffers (only ids, positions, mask and logits are bound per step)."""
-        sess = self.session("decode")
+        growth (or a switch between ``decode`` and ``decode_dense``) replaces them (only ids, positions, mask
+        and logits are bound per step)."""
+        sess = self.session(graph)
         key = (id(sess), tuple(buf.ctypes.data for buf in buffers))
         if cache.binding is None or cache.binding[0] != key:
             io = sess.io_binding()
@@ -283,9 +286,11 @@ def engine_for(artifact: Any, threads: int | None = None) -> Engine:
         return TorchEngine.from_artifact(artifact)
     if name == "onnx":
         engine = OrtEngine(artifact.info, artifact.spec, artifact.path, backend, threads)
-        for key in ("prefill", "decode", "forward"):
+        # load now, so timings never include session creation; with a decode_dense graph the padded decode
+        # graph loads at the first step that has padding (each session holds its own prepacked weights)
+        for key in ("prefill", "decode_dense" if "decode_dense" in backend else "decode", "forward"):
             if key in backend:
-                engine.session(key)  # load now, so timings never include session creation
+                engine.session(key)
         return engine
     from ..backends import engine_for_backend
     return engine_for_backend(artifact, threads)

@@ -1,4 +1,5 @@
-"""The bundled public-domain texts and token batches cut from them.
+"""The bundled public-domain texts and token batches cut from them (the calibration data every lossy pass,
+``heal`` and the evaluation read; a base module, so passes need not reach into ``eval``).
 
 - ``kjv_calibration.txt``: Genesis and Exodus (King James Version, from Debian's ``bible-kjv``), used
   for calibration, scoring and healing;
@@ -15,10 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..errors import HeadsmithError
+from .errors import HeadsmithError
 
 if TYPE_CHECKING:
-    from ..program import Program
+    from .program import Program
 
 DATA = Path(__file__).resolve().parent / "data"
 CALIBRATION_TEXT = DATA / "kjv_calibration.txt"
