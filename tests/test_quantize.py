@@ -202,21 +202,23 @@ def test_hf_export_of_a_quantised_program_is_refused(tmp_path: Path) -> None:
 
 
 # ---- engines ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("arch", "spec"), [
-    ("llama", "quantize(weights=int4)"),
-    ("gpt2", "quantize(weights=int8, sym=false)"),  # biases, zero points, GPT-2's Conv1D raised to linear
-    ("gemma3", "quantize(weights=int4, method=gptq, sym=false)"),
-    ("llama", "gqa(kv_heads=1), prune-mlp(ratio=0.25), quantize(weights=int4, method=awq)"),
-    ("llama", "mla(kv_fraction=0.5), quantize(weights=int8)"),
-    ("llama", "quantize(weights=bf16)"),
+@pytest.mark.parametrize(("arch", "spec", "backends"), [
+    ("llama", "quantize(weights=int4)", ("onnx", "torch", "tvm")),
+    ("gpt2", "quantize(weights=int8, sym=false)", ("onnx", "torch", "tvm")),  # biases, zero points, Conv1D
+    ("gemma3", "quantize(weights=int4, method=gptq, sym=false, group=64)", ("onnx", "torch", "tvm")),
+    ("llama", "gqa(kv_heads=1), prune-mlp(ratio=0.25), quantize(weights=int4, method=awq)", ("onnx", "torch")),
+    ("llama", "mla(kv_fraction=0.5), quantize(weights=int8)", ("onnx", "torch", "tvm")),  # padded blocks
+    ("llama", "quantize(weights=bf16)", ("onnx", "torch", "tvm")),
+    ("qwen2", "quantize(weights=fp16, head=float)", ("onnx", "tvm")),
 ])
-def test_quantised_onnx_and_torch_engines_equal_the_program(arch: str, spec: str) -> None:
+def test_quantised_engines_equal_the_program(arch: str, spec: str, backends: tuple[str, ...]) -> None:
     """At accuracy level 0 (fp32 compute of the dequantised blocks) onnxruntime's MatMulNBits and
-    GatherBlockQuantized give the program's logits and its greedy tokens; the torch engine runs the same ops."""
+    GatherBlockQuantized give the program's logits and its greedy tokens; so do TVM's dequantising kernels
+    (tvm_kernels.matmul_q, 16-bit tiles of matmul_packed) and the torch engine, which runs the same ops."""
     program = quantized(arch, spec)
     reference = generate(TorchEngine.from_program(program), PROMPTS,
                          GenerationConfig(max_new_tokens=24, stop_tokens=())).tokens
-    for backend in ("onnx", "torch"):
+    for backend in backends:
         art = read_artifact(quantized_artifact(arch, spec, backend))
         engine = engine_for(art)
         ids, pos, mask = program.example_inputs(2, 12, pad=2)
@@ -244,3 +246,27 @@ def test_onnx_graph_uses_the_contrib_kernels_and_shrinks() -> None:
     logits, _ = engine.prefill(ids, mask, pos)
     ref = program(ids, mask, pos)[:, -1]
     assert float((logits[:, -1] - ref).abs().max()) < 0.1 * float(ref.abs().max())
+
+
+def test_tvm_cuda_graph_of_a_quantised_program_matches_on_the_cpu() -> None:
+    """The CUDA lowering dequantises the blocks with Relax ops in front of the matmul (for dlight to fuse and
+    schedule); compiled for the CPU instead, its prefill computes the program's logits."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from headsmith.backends.artifact import graph_weights
+    from headsmith.backends.tvm_backend import TvmTarget, build_module
+
+    program = quantized("llama", "quantize(weights=int4, sym=false)")
+    mod, fields = build_module(program, TvmTarget.parse("cuda:sm_90"))
+    for gv in list(mod.functions):
+        if gv.name_hint.startswith("decode"):  # its cache write is a GPU-scheduled kernel
+            del mod[gv]
+    vm = VirtualMachine(tvm.compile(mod, target=tvm.target.Target("llvm")), tvm.cpu())
+    weights = graph_weights(program.gm)
+    params = vm["transform_params"]([tvm.runtime.tensor(weights[n].detach().contiguous().numpy())
+                                     for n in fields["params"]])
+    ids, pos, mask = program.example_inputs(1, 12, seed=3)
+    out = vm["prefill"](*[tvm.runtime.tensor(t.numpy()) for t in (ids, pos, mask)], *params)
+    ref = program(ids, mask, pos)[:, -1:]
+    assert float((torch.from_numpy(out[0].numpy()).reshape(ref.shape) - ref).abs().max()) <= 1e-4

@@ -202,7 +202,8 @@ class Converters:
     def table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"attention.default": self.attention, "attention_kv.default": self.attention_kv,
                                  "cache_point.default": lambda node, imp: imp.env[node.args[0]],
-                                 "to.device": self.to_device, "pow.Tensor_Scalar": self.power}
+                                 "to.device": self.to_device, "pow.Tensor_Scalar": self.power,
+                                 "linear_q.default": self.linear_q, "embedding_q.default": self.embedding_q}
         if self.target.kind == "llvm":
             table["linear.default"] = self.linear
         return table
@@ -247,6 +248,8 @@ class Converters:
 
     # -- linear (llvm): packed weights -------------------------------------------------------------
     def linear(self, node: fx.Node, importer: Any) -> Any:
+        """``linear(x, W[, b])`` with fp32 weights, or with the cast of a 16-bit weight (``quantize(weights=bf16)``:
+        the tiles keep 16 bits and the kernel widens them)."""
         from tvm import relax
 
         from . import tvm_kernels as kernels
@@ -254,22 +257,132 @@ class Converters:
         bb = importer.block_builder
         x, w = importer.env[node.args[0]], importer.env[node.args[1]]
         bias = importer.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
-        if x.ty.dtype != "float32" or w.ty.dtype != "float32" or len(w.ty.shape) != 2:
+        src = node.args[1]
+        if isinstance(src, fx.Node) and src.op == "call_function" and isinstance(src.args[0], fx.Node):
+            narrow = importer.env[src.args[0]]  # a cast weight: read the stored 16-bit tensor itself
+            if narrow.ty.dtype in ("float16", "bfloat16") and len(narrow.ty.shape) == 2:
+                w = narrow
+        if x.ty.dtype != "float32" or w.ty.dtype not in ("float32", "float16", "bfloat16") or len(w.ty.shape) != 2:
             return bb.emit(relax.op.linear(x, w, bias, "float32"))
         n, k = int(w.ty.shape[0]), int(w.ty.shape[1])
-        nt = kernels.NT
-        padded = -(-n // nt) * nt
+        x2, rows, lead = self._rows(bb, x, k)
+        tiles = self._tiles(bb, w, n)
+        dtype = str(w.ty.dtype)
+        gv = self.kernel(importer, ("matmul", self._padded(n), k, dtype),
+                         lambda: kernels.matmul_packed(self._padded(n), k, wdtype=dtype))
+        y = bb.emit(relax.call_tir(gv, [x2, tiles], relax.TensorType([rows, self._padded(n)], "float32")))
+        return self._finish_linear(bb, y, n, lead, bias)
+
+    def linear_q(self, node: fx.Node, importer: Any) -> Any:
+        """``linear_q(x, packed, scales, zeros, bias, bits, group)``: on ``llvm`` the dequantising kernel of
+        ``tvm_kernels.matmul_q`` over tiles built once by ``transform_params``; on ``cuda`` the blocks are
+        dequantised by Relax ops in front of the matmul (fused and scheduled by dlight)."""
+        from tvm import relax
+
+        from . import tvm_kernels as kernels
+
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        packed, scales = importer.env[node.args[1]], importer.env[node.args[2]]
+        zeros = importer.env[node.args[3]] if node.args[3] is not None else None
+        bias = importer.env[node.args[4]] if node.args[4] is not None else None
+        bits, group = int(node.args[5]), int(node.args[6])  # type: ignore[arg-type]
+        n, nb = int(scales.ty.shape[0]), int(scales.ty.shape[1])
+        k = int(x.ty.shape[-1])
+        zero_scales = bb.emit(relax.op.multiply(self._zero_points(bb, zeros, bits, n, nb), scales))
+        if self.target.kind != "llvm":
+            w = self._dequantize(bb, packed, scales, zero_scales, bits, group, n, nb, k)
+            return bb.emit(relax.op.linear(x, w, bias, "float32"))
+        x2, rows, lead = self._rows(bb, x, k)
+        xpad = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, nb * group - k])) if nb * group != k else x2
+        xsum = bb.emit(relax.op.sum(relax.op.reshape(xpad, [rows, nb, group]), axis=[2]))
+        codes = self._tiles(bb, bb.emit(relax.op.reshape(packed, [n, -1])), n)
+        gv = self.kernel(importer, ("matmul_q", self._padded(n), k, bits, group),
+                         lambda: kernels.matmul_q(self._padded(n), k, bits, group))
+        args = [x2, xsum, codes, self._tiles(bb, scales, n), self._tiles(bb, zero_scales, n)]
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, self._padded(n)], "float32")))
+        return self._finish_linear(bb, y, n, lead, bias)
+
+    def embedding_q(self, node: fx.Node, importer: Any) -> Any:
+        """``embedding_q(packed, scales, zeros, ids, bits, group)``: the rows looked up, dequantised."""
+        from tvm import relax
+
+        bb = importer.block_builder
+        packed, scales = importer.env[node.args[0]], importer.env[node.args[1]]
+        zeros = importer.env[node.args[2]] if node.args[2] is not None else None
+        ids = importer.env[node.args[3]]
+        bits, group = int(node.args[4]), int(node.args[5])  # type: ignore[arg-type]
+        n, nb = int(scales.ty.shape[0]), int(scales.ty.shape[1])
+        zero_scales = bb.emit(relax.op.multiply(self._zero_points(bb, zeros, bits, n, nb), scales))
+        flat = bb.emit(relax.op.reshape(ids, [-1]))
+        rows = bb.emit(relax.op.take(packed, flat, axis=0))
+        t = rows.ty.shape[0]
+        w = self._dequantize(bb, rows, bb.emit(relax.op.take(scales, flat, axis=0)),
+                             bb.emit(relax.op.take(zero_scales, flat, axis=0)), bits, group, t, nb, nb * group)
+        return bb.emit(relax.op.reshape(w, [*ids.ty.shape, nb * group]))
+
+    @staticmethod
+    def _zero_points(bb: Any, zeros: Any, bits: int, n: int, nb: int) -> Any:
+        """Per-block zero points ``[N, nb]`` (float32): unpacked from ``zeros`` or the symmetric ``2**(bits-1)``."""
+        from tvm import relax
+        if zeros is None:
+            return relax.const(float(1 << (bits - 1)), "float32")
+        z = zeros
+        if bits == 4:
+            low = bb.emit(relax.op.bitwise_and(z, relax.const(15, "uint8")))
+            high = bb.emit(relax.op.right_shift(z, relax.const(4, "uint8")))
+            both = bb.emit(relax.op.reshape(bb.emit(relax.op.stack([low, high], axis=2)), [n, -1]))
+            z = bb.emit(relax.op.strided_slice(both, axes=[1], begin=[0], end=[nb]))
+        return bb.emit(relax.op.astype(z, "float32"))
+
+    @staticmethod
+    def _dequantize(bb: Any, packed: Any, scales: Any, zero_scales: Any, bits: int, group: int, n: Any, nb: int,
+                    k: int) -> Any:
+        """``[N, K]`` float32 weights from codes ``[N, nb, G*bits/8]``: ``q * s - z*s`` per block."""
+        from tvm import relax
+        q = packed
+        if bits == 4:
+            low = bb.emit(relax.op.bitwise_and(q, relax.const(15, "uint8")))
+            high = bb.emit(relax.op.right_shift(q, relax.const(4, "uint8")))
+            q = bb.emit(relax.op.reshape(bb.emit(relax.op.stack([low, high], axis=3)), [n, nb, group]))
+        q = bb.emit(relax.op.astype(q, "float32"))
+        w = relax.op.subtract(relax.op.multiply(q, relax.op.expand_dims(scales, 2)),
+                              relax.op.expand_dims(zero_scales, 2) if zero_scales.ty.ndim == 2 else zero_scales)
+        w = bb.emit(relax.op.reshape(w, [n, nb * group]))
+        if k != nb * group:
+            w = bb.emit(relax.op.strided_slice(w, axes=[1], begin=[0], end=[k], assume_inbound=True))
+        return w
+
+    @staticmethod
+    def _padded(n: int) -> int:
+        from .tvm_kernels import NT
+        return -(-n // NT) * NT
+
+    @staticmethod
+    def _rows(bb: Any, x: Any, k: int) -> tuple[Any, Any, list[Any]]:
+        """``x[..., K]`` as ``[rows, K]``; returns it, ``rows`` and the leading dims."""
+        from tvm import relax
         lead = list(x.ty.shape)[:-1]
         rows = lead[0]
         for extent in lead[1:]:
             rows = rows * extent
-        x2 = bb.emit(relax.op.reshape(x, [rows, k]))
-        if padded != n:  # zero rows make the weight a whole number of tiles; sliced off below
-            w = bb.emit(relax.op.concat([w, relax.op.zeros((padded - n, k), "float32")], axis=0))
-        packed = bb.emit(relax.op.permute_dims(relax.op.reshape(w, [padded // nt, nt, k]), [0, 2, 1]))
-        gv = self.kernel(importer, ("matmul", padded, k), lambda: kernels.matmul_packed(padded, k))
-        y = bb.emit(relax.call_tir(gv, [x2, packed], relax.TensorType([rows, padded], "float32")))
+        return bb.emit(relax.op.reshape(x, [rows, k])), rows, lead
+
+    def _tiles(self, bb: Any, w: Any, n: int) -> Any:
+        """``w[N, L]`` as tiles ``[N/NT, L, NT]`` (zero rows make ``N`` a whole number of tiles)."""
+        from tvm import relax
+
+        from .tvm_kernels import NT
+        padded = self._padded(n)
         if padded != n:
+            extra = relax.op.zeros((padded - n, int(w.ty.shape[1])), str(w.ty.dtype))
+            w = bb.emit(relax.op.concat([w, extra], axis=0))
+        tiled = relax.op.reshape(w, [padded // NT, NT, int(w.ty.shape[1])])
+        return bb.emit(relax.op.permute_dims(tiled, [0, 2, 1]))
+
+    def _finish_linear(self, bb: Any, y: Any, n: int, lead: list[Any], bias: Any) -> Any:
+        from tvm import relax
+        if self._padded(n) != n:
             y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n], assume_inbound=True))
         y = bb.emit(relax.op.reshape(y, [*lead, n]))
         return bb.emit(relax.op.add(y, bias)) if bias is not None else y

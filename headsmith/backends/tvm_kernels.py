@@ -10,7 +10,9 @@ unscheduled scalar loops, 25-100x slower than torch on this model class):
 - :func:`matmul_packed` ``y[M,N] = x[M,K] @ w[N,K]^T`` with ``w`` pre-packed as ``w_p[N/NT, K, NT]``
   (each tile contiguous, so a decode step streams the weights once). Rows are register-blocked by
   ``MB`` (``MB x NT`` accumulators, vectorised over NT); the rows left over (all of them when M < MB,
-  i.e. decoding) take a one-row loop. Parallel over tiles.
+  i.e. decoding) take a one-row loop. Parallel over tiles. fp32, fp16 or bf16 weights.
+- :func:`matmul_q` the same over block-quantised weights (4 or 8 bits, one scale and zero point per block),
+  the codes of a tile interleaved byte by byte so they widen into NT lanes at once.
 - :func:`attention_cpu` the semantics of ``headsmith.attention`` (see ``headsmith/ops.py``): GQA by head
   sharing, queries aligned to the end of the keys, causal, sliding window with sinks, key padding mask,
   softcap, scale, all-masked rows giving the mean of v. Scores are computed for the visible key range only,
@@ -51,12 +53,19 @@ def _fast_exp(x: Any) -> Any:
     return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
 
 
-def matmul_packed(n: int, k: int, nt: int = NT, mb: int = MB) -> Any:
-    """``(x[M,K], w_p[N/NT,K,NT]) -> y[M,N]`` (``n`` a multiple of ``nt``); see the module docstring."""
+def _widen(value: Any, dtype: str) -> Any:
+    """A weight element as float32 (16-bit floats are widened in registers)."""
+    return value if dtype == "float32" else T.Cast("float32", value)
+
+
+def matmul_packed(n: int, k: int, nt: int = NT, mb: int = MB, wdtype: str = "float32") -> Any:
+    """``(x[M,K], w_p[N/NT,K,NT]) -> y[M,N]`` (``n`` a multiple of ``nt``); see the module docstring.
+    ``wdtype`` ``float16`` or ``bfloat16`` reads 16-bit weights and widens them in registers, so a step streams
+    half the bytes."""
     tiles = n // nt
 
     @T.prim_func(private=True)
-    def matmul(x_h: T.handle, w: T.Buffer((tiles, k, nt), "float32"), y_h: T.handle):
+    def matmul(x_h: T.handle, w: T.Buffer((tiles, k, nt), wdtype), y_h: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         M = T.int64()
         x = T.match_buffer(x_h, (M, k), "float32")
@@ -70,7 +79,7 @@ def matmul_packed(n: int, k: int, nt: int = NT, mb: int = MB) -> Any:
                 for kk in range(k):
                     for i in T.unroll(mb):
                         for j in T.vectorized(nt):
-                            acc[i, j] = acc[i, j] + x[mo * mb + i, kk] * w[tile, kk, j]
+                            acc[i, j] = acc[i, j] + x[mo * mb + i, kk] * _widen(w[tile, kk, j], wdtype)
                 for i in T.unroll(mb):
                     for j in T.vectorized(nt):
                         y[mo * mb + i, tile * nt + j] = acc[i, j]
@@ -80,9 +89,75 @@ def matmul_packed(n: int, k: int, nt: int = NT, mb: int = MB) -> Any:
                     row[j] = T.float32(0)
                 for kk in range(k):
                     for j in T.vectorized(nt):
-                        row[j] = row[j] + x[(M // mb) * mb + m, kk] * w[tile, kk, j]
+                        row[j] = row[j] + x[(M // mb) * mb + m, kk] * _widen(w[tile, kk, j], wdtype)
                 for j in T.vectorized(nt):
                     y[(M // mb) * mb + m, tile * nt + j] = row[j]
+
+    return matmul
+
+
+def matmul_q(n: int, k: int, bits: int, group: int, nt: int = NT, mb: int = MB) -> Any:
+    """``(x[M,K], xsum[M,nb], codes[N/NT,L,NT], scales[N/NT,nb,NT], zero_scales[N/NT,nb,NT]) -> y[M,N]``: a
+    linear over block-quantised weights (headsmith.qweights), dequantised in registers. ``codes`` holds byte
+    ``l`` of every row of a tile side by side (``L = nb*G*bits/8``; for 4 bits the low nibble is input ``2l``,
+    the high one ``2l+1``); ``zero_scales = zero * scale``; ``xsum`` the block sums of ``x``. Per block
+    ``y += s * sum(q * x) - z*s * xsum``: the inner loop is one widening and one multiply-add per code. Inputs
+    past ``K`` (a zero-padded last block) read as 0."""
+    tiles = n // nt
+    nb = -(-k // group)
+    per = 8 // bits  # codes per byte
+    gb = group // per  # bytes per block
+    nbytes = nb * gb
+    padded = k % group != 0
+
+    def code(byte: Any, part: int) -> Any:
+        if bits == 8:
+            return T.Cast("float32", byte)
+        return T.Cast("float32", T.bitwise_and(T.shift_right(byte, T.uint8(4 * part)), T.uint8(15)))
+
+    def x_at(x: Any, row: Any, kk: Any) -> Any:
+        if not padded:
+            return x[row, kk]
+        return T.if_then_else(kk < k, x[row, T.min(kk, k - 1)], T.float32(0))
+
+    @T.macro
+    def rows_block(x: T.Buffer, xsum: T.Buffer, wq: T.Buffer, sc: T.Buffer, zs: T.Buffer, y: T.Buffer,
+                   tile: T.int64, row0: T.int64, r: T.int32):
+        acc = T.alloc_buffer((r, nt), "float32", scope="global")
+        blk = T.alloc_buffer((r, nt), "float32", scope="global")
+        for i in T.unroll(r):
+            for j in T.vectorized(nt):
+                acc[i, j] = T.float32(0)
+        for b in range(nb):
+            for i in T.unroll(r):
+                for j in T.vectorized(nt):
+                    blk[i, j] = T.float32(0)
+            for byte in range(gb):
+                for p in T.unroll(per):
+                    for i in T.unroll(r):
+                        for j in T.vectorized(nt):
+                            blk[i, j] = blk[i, j] + code(wq[tile, b * gb + byte, j], p) * x_at(
+                                x, row0 + i, (b * gb + byte) * per + p)
+            for i in T.unroll(r):
+                for j in T.vectorized(nt):
+                    acc[i, j] = acc[i, j] + sc[tile, b, j] * blk[i, j] - zs[tile, b, j] * xsum[row0 + i, b]
+        for i in T.unroll(r):
+            for j in T.vectorized(nt):
+                y[row0 + i, tile * nt + j] = acc[i, j]
+
+    @T.prim_func(private=True)
+    def matmul(x_h: T.handle, xs_h: T.handle, wq: T.Buffer((tiles, nbytes, nt), "uint8"),
+               sc: T.Buffer((tiles, nb, nt), "float32"), zs: T.Buffer((tiles, nb, nt), "float32"), y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+        M = T.int64()
+        x = T.match_buffer(x_h, (M, k), "float32")
+        xsum = T.match_buffer(xs_h, (M, nb), "float32")
+        y = T.match_buffer(y_h, (M, n), "float32")
+        for tile in T.parallel(tiles):
+            for mo in range(M // mb):
+                rows_block(x, xsum, wq, sc, zs, y, tile, mo * mb, mb)
+            for m in range(M - (M // mb) * mb):
+                rows_block(x, xsum, wq, sc, zs, y, tile, (M // mb) * mb + m, 1)
 
     return matmul
 
