@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "attention_bias_kv", "attention_bias_kv_bsd", "attention_mask_bias", "rms_norm",
+__all__ = ["attention", "attention_bias_kv", "attention_bias_kv_bsd", "attention_mask_bias", "rms_norm", "skip_rms_norm",
            "rotary"]
 
 
@@ -178,6 +178,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 @rms_norm.register_fake
 def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("headsmith::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: Tensor, skip: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(x + skip, weight, eps), x + skip)``: a residual add and the norm after it (onnxruntime's
+    ``SkipSimplifiedLayerNormalization``)."""
+    total = x + skip
+    return rms_norm(total, weight, eps), total
+
+
+@skip_rms_norm.register_fake
+def _skip_rms_norm_fake(x: Tensor, skip: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.custom_op("headsmith::rotary", mutates_args=())

@@ -20,9 +20,10 @@ from headsmith.runtime.kv_cache import CacheSpec, KVCache
 from .conftest import tiny_program
 from .test_decode_runtime import PROMPTS, artifact, hf_greedy
 
-# per arch: RMSNorms (2 per layer + final; Gemma3 also has pre/post-MLP norms and q/k norms), rotaries, layers
-EXPECTED = {"llama": (5, 4, 2), "qwen2": (5, 4, 2), "phi3": (5, 4, 2), "mistral": (5, 4, 2), "gemma3": (13, 4, 2),
-            "gpt2": (0, 0, 2)}
+# per arch: RMSNorms (2 per layer + final; Gemma3 also has pre/post-MLP norms and q/k norms), the norms that
+# follow a residual add (all but the first; Gemma3's (1 + w) weights are computed, not stored), rotaries, layers
+EXPECTED = {"llama": (5, 4, 4, 2), "qwen2": (5, 4, 4, 2), "phi3": (5, 4, 4, 2), "mistral": (5, 4, 4, 2),
+            "gemma3": (13, 0, 4, 2), "gpt2": (0, 0, 0, 2)}
 
 
 def _decode_inputs(arch: str, batch: int = 2, past: int = 8, new: int = 3) -> tuple[torch.Tensor, ...]:
@@ -41,8 +42,9 @@ def test_fusions_rewrite_every_site_and_are_exact(arch: str) -> None:
     fuse_kv_attention(gm)
     fuse_parallel_linears(gm)
     counts = fuse_for_ort(gm)
-    norms, rotaries, layers = EXPECTED[arch]
-    assert counts == {"rms_norm": norms, "rotary": rotaries, "attention_masks": layers, "flat_heads": layers}
+    norms, skips, rotaries, layers = EXPECTED[arch]
+    assert counts == {"rms_norm": norms, "skip_rms_norm": skips, "rotary": rotaries, "attention_masks": layers,
+                      "flat_heads": layers}
     inputs = _decode_inputs(arch)
     with torch.no_grad():
         ref, got = dec(*inputs), gm(*inputs)
@@ -74,7 +76,8 @@ def test_fused_onnx_graph_uses_few_large_nodes(arch: str) -> None:
     onnx.checker.check_model(str(path / "decode.onnx"))
     ops = [n.op_type for n in decode.graph.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("RotaryEmbedding") == 4
-    assert ops.count("RMSNormalization") == EXPECTED[arch][0]
+    assert ops.count("RMSNormalization") == EXPECTED[arch][0] - EXPECTED[arch][1]
+    assert ops.count("SkipSimplifiedLayerNormalization") == EXPECTED[arch][1]
     # no cache copies: every present comes straight from the attention kernel
     producer = {o: n.op_type for n in decode.graph.node for o in n.output}
     assert {producer[o.name] for o in decode.graph.output if o.name.startswith("present_")} == {"GroupQueryAttention"}

@@ -7,6 +7,9 @@ of the graph just before ONNX export:
 
 - ``fuse_rms_norm``: ``w * (x * rsqrt(mean(x**2, -1) + eps))`` -> ``headsmith.rms_norm`` (ONNX
   ``RMSNormalization``, opset 23).
+- ``fuse_skip_rms_norm``: ``rms_norm(a + b)`` whose sum is also the residual stream ->
+  ``headsmith.skip_rms_norm(a, b)`` returning both (onnxruntime's ``SkipSimplifiedLayerNormalization``): one
+  node instead of two per norm.
 - ``fuse_rotary``: ``x * cos + rotate_half(x) * sin`` with ``cos``/``sin`` built as ``cat([f, f])`` ->
   ``headsmith.rotary`` on the first halves (ONNX ``RotaryEmbedding``, opset 23). A pattern that cannot be
   proven to have equal halves (partial or interleaved rotary, other layouts) is left as it is.
@@ -31,6 +34,7 @@ from ..fxutil import erase_dead, is_call, rank_of
 
 aten = torch.ops.aten
 RMS_NORM = torch.ops.headsmith.rms_norm.default
+SKIP_RMS_NORM = torch.ops.headsmith.skip_rms_norm.default
 ROTARY = torch.ops.headsmith.rotary.default
 ATTENTION_KV = torch.ops.headsmith.attention_kv.default
 ATTENTION_BIAS_KV = torch.ops.headsmith.attention_bias_kv.default
@@ -114,6 +118,38 @@ def fuse_rms_norm(gm: fx.GraphModule) -> int:
             node.replace_all_uses_with(fused)
             count += 1
             break
+    return _finish(gm, count)
+
+
+# rms_norm(add(a, b)) -> skip_rms_norm(a, b) (the sum's other users read its second output)
+def fuse_skip_rms_norm(gm: fx.GraphModule) -> int:
+    """``rms_norm(a + b, w)`` (both ``[B,T,E]`` float32) -> ``skip_rms_norm(a, b, w)``; other readers of the sum
+    (the residual stream) take the op's second output."""
+    graph = gm.graph
+    count = 0
+    for node in [n for n in graph.nodes if is_call(n, RMS_NORM)]:
+        x = node.args[0]
+        total = _through_noop_casts(x)
+        if not is_call(total, aten.add.Tensor) or len(total.args) != 2 or total.kwargs:
+            continue
+        a, b = total.args
+        sa, sb, st = _val_shape(a), _val_shape(b), _val_shape(total)
+        if sa is None or sa != sb or sa != st or len(sa) != 3 or _dtype(a) != torch.float32 or \
+                _dtype(b) != torch.float32:
+            continue
+        weight = node.args[1]
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            continue
+        total.prepend(weight)  # the fused node replaces the add in place: its weight must come first
+        with graph.inserting_after(total):
+            fused = graph.call_function(SKIP_RMS_NORM, (a, b, weight, node.args[2]))
+        with graph.inserting_after(fused):
+            summed = graph.call_function(operator.getitem, (fused, 1))
+            out = graph.call_function(operator.getitem, (fused, 0))
+        out.meta, summed.meta = dict(node.meta), dict(total.meta)
+        node.replace_all_uses_with(out)
+        total.replace_all_uses_with(summed)
+        count += 1
     return _finish(gm, count)
 
 
@@ -374,5 +410,5 @@ def flatten_attention_heads(gm: fx.GraphModule, dense: bool = False) -> int:
 
 def fuse_for_ort(gm: fx.GraphModule, dense: bool = False) -> dict[str, int]:
     """All rewrites above, in order; the counts per rewrite (``dense``: see :func:`flatten_attention_heads`)."""
-    return {"rms_norm": fuse_rms_norm(gm), "rotary": fuse_rotary(gm), "attention_masks": hoist_attention_masks(gm),
-            "flat_heads": flatten_attention_heads(gm, dense)}
+    return {"rms_norm": fuse_rms_norm(gm), "skip_rms_norm": fuse_skip_rms_norm(gm), "rotary": fuse_rotary(gm),
+            "attention_masks": hoist_attention_masks(gm), "flat_heads": flatten_attention_heads(gm, dense)}

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import BackendError
 from ..sites import ATTENTION
+from .onnx_contrib import contrib_opset
 
 NEG = -3.4028234663852886e38  # most negative float32: masked scores (softmax never sees -inf)
 
@@ -94,6 +95,13 @@ def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
     return op.RMSNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
 
+def _skip_rms_norm(x: Any, skip: Any, weight: Any, eps: float) -> Any:
+    """``headsmith.skip_rms_norm`` as onnxruntime's ``com.microsoft.SkipSimplifiedLayerNormalization``: outputs
+    the normalised sum and the sum itself (its fourth output)."""
+    out, _, _, total = contrib_opset().SkipSimplifiedLayerNormalization(x, skip, weight, _outputs=4, epsilon=eps)
+    return out, total
+
+
 def _rotary(x: Any, cos: Any, sin: Any, num_heads: int = 0) -> Any:
     """``headsmith.rotary`` as ONNX ``RotaryEmbedding`` (opset 23): ``x[B,H,T,D]`` or ``x[B,T,H*D]``
     (``num_heads``), caches ``[B,T,D/2]``."""
@@ -116,7 +124,7 @@ def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = 
     onnxruntime's CPU kernel is markedly faster without the bias (docs/precision.md)."""
     from onnxscript import opset20 as op
 
-    msft = gqa_opset()
+    msft = contrib_opset()
     if bias is None:
         seqlens, total32 = _gqa_lengths(op.Shape(key_mask, start=1, end=2), op.Shape(q, start=0, end=1))
         return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, _outputs=3, num_heads=n_heads,
@@ -156,51 +164,6 @@ def _bias_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any =
     return out, k_all, v_all
 
 
-_GQA_OPSET: Any = None
-
-
-def gqa_opset() -> Any:
-    """An onnxscript opset for ``com.microsoft`` v1 with ``GroupQueryAttention``'s schema registered.
-
-    onnx itself knows no onnxruntime contrib ops; the schema (inputs as in onnxruntime's ContribOperators.md)
-    is registered once per process so the exporter can build the node and the checker can validate it.
-    """
-    global _GQA_OPSET
-    if _GQA_OPSET is not None:
-        return _GQA_OPSET
-    import onnx
-    import onnxscript
-    from onnx.defs import OpSchema
-
-    fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    try:
-        onnx.defs.get_schema("GroupQueryAttention", 1, "com.microsoft")
-    except onnx.defs.SchemaError:
-        attr = OpSchema.Attribute
-        schema = OpSchema(
-            "GroupQueryAttention", "com.microsoft", 1,
-            "onnxruntime contrib op: grouped-query attention with KV cache (see onnxruntime ContribOperators.md)",
-            inputs=[fp("query", "T"), fp("key", "T", param_option=opt), fp("value", "T", param_option=opt),
-                    fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
-                    fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
-                    fp("cos_cache", "T", param_option=opt), fp("sin_cache", "T", param_option=opt),
-                    fp("position_ids", "P", param_option=opt), fp("attention_bias", "T", param_option=opt)],
-            outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
-            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types"),
-                              ("M", ["tensor(int32)"], "lengths"), ("P", ["tensor(int64)"], "positions")],
-            attributes=[attr("num_heads", OpSchema.AttrType.INT, "query heads"),
-                        attr("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
-                        attr("scale", OpSchema.AttrType.FLOAT, "softmax scale", required=False),
-                        attr("softcap", OpSchema.AttrType.FLOAT, "score softcap", required=False),
-                        attr("local_window_size", OpSchema.AttrType.INT, "sliding window (-1: none)", required=False),
-                        attr("do_rotary", OpSchema.AttrType.INT, "apply rotary inside", required=False),
-                        attr("rotary_interleaved", OpSchema.AttrType.INT, "interleaved rotary", required=False),
-                        attr("smooth_softmax", OpSchema.AttrType.INT, "smooth softmax", required=False)])
-        onnx.defs.register_schema(schema)
-    _GQA_OPSET = onnxscript.values.Opset("com.microsoft", 1)
-    return _GQA_OPSET
-
-
 def _gqa_lengths(total: Any, batch: Any) -> tuple[Any, Any]:
     """GQA's ``seqlens_k`` (``P+T-1`` for every row, int32 ``[B]``) and ``total_sequence_length`` (int32 scalar)
     from the key length ``total`` and ``batch`` (both 1-D int64 shapes)."""
@@ -223,7 +186,7 @@ def _gqa_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = 
     if not causal or sinks > 0 or n_heads <= 0 or n_kv_heads <= 0:
         return _plain_attention_kv(q, k, v, past_k, past_v, key_mask, causal, scale, window, sinks, softcap, layer,
                                    n_heads, n_kv_heads)
-    msft = gqa_opset()
+    msft = contrib_opset()
     flat = op.Constant(value_ints=[0, 0, -1])
     q3 = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), flat)
     k3 = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), flat)
@@ -263,5 +226,5 @@ def translations(variant: str) -> dict[Any, Any]:
     """``custom_translation_table`` entries for headsmith's attention and fused ops under ``variant``."""
     ops = torch.ops.headsmith
     return {ATTENTION: _plain_attention, ops.attention_kv.default: VARIANTS[variant],
-            ops.rms_norm.default: _rms_norm, ops.rotary.default: _rotary,
+            ops.rms_norm.default: _rms_norm, ops.skip_rms_norm.default: _skip_rms_norm, ops.rotary.default: _rotary,
             ops.attention_bias_kv.default: _bias_attention_kv, ops.attention_bias_kv_bsd.default: _bsd_attention_kv}

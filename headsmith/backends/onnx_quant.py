@@ -20,57 +20,12 @@ from typing import Any
 import torch
 
 from ..errors import BackendError
-from .onnx_ops import gqa_opset
+from .onnx_contrib import contrib_opset
 
 #: the accuracy level chosen by measurement (docs/precision.md): int8 compute is the fast CPU kernel at 4 and
 #: 8 bits, and its effect on perplexity is within the noise of the weights' own rounding
 DEFAULT_ACCURACY_LEVEL = 4
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-_REGISTERED = False
-
-
-def quant_opset() -> Any:
-    """The ``com.microsoft`` opset with ``MatMulNBits`` and ``GatherBlockQuantized`` registered (once)."""
-    global _REGISTERED
-    msft = gqa_opset()
-    if _REGISTERED:
-        return msft
-    import onnx
-    from onnx.defs import OpSchema
-
-    fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    attr, INT = OpSchema.Attribute, OpSchema.AttrType.INT  # noqa: N806
-    schemas = [
-        OpSchema("MatMulNBits", "com.microsoft", 1, "onnxruntime contrib op: matmul with block-quantised weights",
-                 inputs=[fp("A", "T1"), fp("B", "T2"), fp("scales", "T1"), fp("zero_points", "T3", param_option=opt),
-                         fp("g_idx", "T4", param_option=opt), fp("bias", "T1", param_option=opt)],
-                 outputs=[fp("Y", "T1")],
-                 type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], "float"),
-                                   ("T2", ["tensor(uint8)"], "packed codes"),
-                                   ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points"),
-                                   ("T4", ["tensor(int32)"], "group index")],
-                 attributes=[attr("K", INT, "input features"), attr("N", INT, "output features"),
-                             attr("bits", INT, "bits per weight"), attr("block_size", INT, "block size"),
-                             attr("accuracy_level", INT, "compute precision", required=False)]),
-        OpSchema("GatherBlockQuantized", "com.microsoft", 1, "onnxruntime contrib op: gather of block-quantised rows",
-                 inputs=[fp("data", "T1"), fp("indices", "Tind"), fp("scales", "T2"),
-                         fp("zero_points", "T1", param_option=opt)],
-                 outputs=[fp("output", "T2")],
-                 type_constraints=[("T1", ["tensor(uint8)"], "packed codes"),
-                                   ("T2", ["tensor(float)", "tensor(float16)"], "float"),
-                                   ("Tind", ["tensor(int32)", "tensor(int64)"], "indices")],
-                 attributes=[attr("gather_axis", INT, "gather axis", required=False),
-                             attr("quantize_axis", INT, "quantize axis", required=False),
-                             attr("block_size", INT, "block size", required=False),
-                             attr("bits", INT, "bits per weight", required=False)]),
-    ]
-    for schema in schemas:
-        try:
-            onnx.defs.get_schema(schema.name, 1, "com.microsoft")
-        except onnx.defs.SchemaError:
-            onnx.defs.register_schema(schema)
-    _REGISTERED = True
-    return msft
 
 
 def _static(value: Any, what: str) -> int:
@@ -89,7 +44,7 @@ def translations(accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[Any, Any]
                  group: int = 32) -> Any:
         n = _static(scales.shape[0], "output width")
         k = _static(x.shape[-1], "input width")  # may be less than the blocks cover (zero-padded last block)
-        return quant_opset().MatMulNBits(x, packed, scales, zeros, None, bias, K=k, N=n, bits=bits, block_size=group,
+        return contrib_opset().MatMulNBits(x, packed, scales, zeros, None, bias, K=k, N=n, bits=bits, block_size=group,
                                          accuracy_level=accuracy_level)
 
     def embedding_q(packed: Any, scales: Any, zeros: Any = None, ids: Any = None, bits: int = 4,
@@ -108,7 +63,7 @@ def translations(accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[Any, Any]
                 zeros = op.Slice(both, op.Constant(value_ints=[0]), op.Constant(value_ints=[nb]),
                                  op.Constant(value_ints=[1]))
             zeros3 = op.Unsqueeze(zeros, op.Constant(value_ints=[-1]))
-        rows = quant_opset().GatherBlockQuantized(packed, ids, scales3, zeros3, gather_axis=0, quantize_axis=2,
+        rows = contrib_opset().GatherBlockQuantized(packed, ids, scales3, zeros3, gather_axis=0, quantize_axis=2,
                                                   block_size=group, bits=bits)
         out_shape = op.Concat(op.Shape(ids), op.Constant(value_ints=[nb * group]), axis=0)
         return op.Reshape(rows, out_shape)
