@@ -51,9 +51,12 @@ def hessians(program: Program, linears: list[fx.Node], ids: Tensor, rows: int = 
 
 
 def gptq(w_NK: Tensor, xtx_KK: Tensor, bits: int, group: int, sym: bool, damp: float = DAMP,
-         block: int = BLOCK, clip: bool = False) -> Packed:
-    """The GPTQ-quantised ``w_NK`` given ``X^T X`` of its inputs (see the module docstring); ``clip`` chooses each
-    group's range by the weighted clipping search of :func:`qweights.searched_params` (weights: ``diag(H)``)."""
+         block: int = BLOCK, clip: bool = False, act_order: bool = False) -> Packed:
+    """The GPTQ-quantised ``w_NK`` given ``X^T X`` of its inputs (see the module docstring). ``clip`` chooses each
+    group's range by the weighted clipping search of :func:`qweights.searched_params` (weights: ``diag(H)``).
+    ``act_order`` quantises the columns in order of decreasing ``diag(H)`` (the inputs with most energy first,
+    while the most columns are left to absorb their error); the groups stay the contiguous blocks of the format,
+    so their ranges are fixed up front from the original weights ("static groups")."""
     width = int(w_NK.shape[1])
     w = padded(w_NK, group).double()  # zero-padded columns are dead channels below: they stay 0
     n, k = w.shape
@@ -62,11 +65,24 @@ def gptq(w_NK: Tensor, xtx_KK: Tensor, bits: int, group: int, sym: bool, damp: f
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    importance = torch.diagonal(h).float().clone()
+
+    def group_params(cols: Tensor, imp: Tensor) -> tuple[Tensor, Tensor | None]:
+        return searched_params(cols, bits, group, sym, imp) if clip else block_params(cols, bits, group, sym)
+
+    scales = torch.zeros(n, k // group)
+    zeros = torch.zeros(n, k // group, dtype=torch.uint8) if not sym else None
+    order = torch.arange(k)
+    if act_order:
+        s_all, z_all = group_params(w.float(), importance)
+        scales.copy_(s_all)
+        if zeros is not None and z_all is not None:
+            zeros.copy_(z_all)
+        order = torch.argsort(importance, descending=True)
+        w, h = w[:, order], h[order][:, order]
     h += torch.eye(k, dtype=h.dtype) * damp * torch.diagonal(h).mean()
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q_NK = torch.zeros(n, k, dtype=torch.int64)
-    scales = torch.zeros(n, k // group)
-    zeros = torch.zeros(n, k // group, dtype=torch.uint8) if not sym else None
     block = max(group, block - block % group)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -74,14 +90,10 @@ def gptq(w_NK: Tensor, xtx_KK: Tensor, bits: int, group: int, sym: bool, damp: f
         err1 = torch.zeros_like(w1)
         hinv1 = h_inv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
+            col = int(order[i1 + i])  # the column of the weight being quantised
             b = col // group
-            if col % group == 0:  # the group starts here: its scale from the already-updated weights
-                cols = w1[:, i:i + group].float()
-                if clip:
-                    s, z = searched_params(cols, bits, group, sym, torch.diagonal(h)[col:col + group].float())
-                else:
-                    s, z = block_params(cols, bits, group, sym)
+            if not act_order and col % group == 0:  # the group starts here: its range from the updated weights
+                s, z = group_params(w1[:, i:i + group].float(), importance[col:col + group])
                 scales[:, b] = s[:, 0]
                 if zeros is not None and z is not None:
                     zeros[:, b] = z[:, 0]
