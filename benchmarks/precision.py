@@ -68,7 +68,7 @@ def headsmith_worker(path: Path, contexts: list[int], new_tokens: int, repeats: 
 
     from headsmith.backends.artifact import read_artifact
     from headsmith.eval.metrics import perplexity
-    from headsmith.runtime.bench import peak_rss_mb, prompt_tokens, time_engine
+    from headsmith.runtime.bench import prompt_tokens, time_engine
     from headsmith.runtime.engine import engine_for
 
     torch.set_num_threads(THREADS)
@@ -86,6 +86,14 @@ def headsmith_worker(path: Path, contexts: list[int], new_tokens: int, repeats: 
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``: unlike ``ru_maxrss`` it does not carry over the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def llama_worker(path: Path, contexts: list[int], new_tokens: int, repeats: int, ppl: bool) -> dict[str, Any]:
     import llama_cpp
     import numpy as np
@@ -94,7 +102,7 @@ def llama_worker(path: Path, contexts: list[int], new_tokens: int, repeats: int,
 
     from headsmith.eval.metrics import Windows
     from headsmith.frontend.builtin import resolve_builtin
-    from headsmith.runtime.bench import peak_rss_mb, prompt_tokens
+    from headsmith.runtime.bench import prompt_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_builtin("smollm2-135m")[0]))  # the same token ids
     out: dict[str, Any] = {"contexts": {}, "extra_bufts": not amx_cpu()}

@@ -126,7 +126,8 @@ def _bsd_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = 
 
     msft = contrib_opset()
     if bias is None:
-        seqlens, total32 = _gqa_lengths(op.Shape(key_mask, start=1, end=2), op.Shape(q, start=0, end=1))
+        # from the key mask, so every layer's copy of these nodes is the same and onnxruntime merges them
+        seqlens, total32 = _gqa_lengths(op.Shape(key_mask, start=1, end=2), op.Shape(key_mask, start=0, end=1))
         return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total32, _outputs=3, num_heads=n_heads,
                                         kv_num_heads=n_kv_heads, scale=scale,
                                         local_window_size=window if window > 0 else -1)
