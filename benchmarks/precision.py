@@ -117,6 +117,11 @@ def llama_worker(path: Path, contexts: list[int], new_tokens: int, repeats: int,
         llama_cpp.llama_model_default_params = without_extra_bufts
     params = {"n_threads": THREADS, "n_threads_batch": THREADS, "n_batch": 512, "verbose": False}
     llm = llama_cpp.Llama(str(path), n_ctx=max(contexts) + new_tokens + 8, **params)
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the last position's logits (this llama-cpp-python keeps none itself without logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
+
     for c in contexts:
         ids = prompt_tokens(tokenizer, c, 49152)[0].tolist()
         best_pre, best_dec = 0.0, 0.0
@@ -125,12 +130,11 @@ def llama_worker(path: Path, contexts: list[int], new_tokens: int, repeats: int,
             start = time.perf_counter()
             llm.eval(ids)
             best_pre = max(best_pre, c / (time.perf_counter() - start))
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([token])  # two untimed steps, as for headsmith's engines
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([greedy()])  # two untimed steps, as for headsmith's engines
+            llm.eval([greedy()])
             start = time.perf_counter()
             for _ in range(new_tokens):
-                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+                llm.eval([greedy()])
             best_dec = max(best_dec, new_tokens / (time.perf_counter() - start))
         out["contexts"][c] = {"prefill_tok_s": best_pre, "decode_tok_s": best_dec}
     del llm

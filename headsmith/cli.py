@@ -221,6 +221,9 @@ def convert(
     tvm_target: Annotated[str | None, typer.Option(
         "--tvm-target", help="TVM target: llvm (this CPU, default), llvm:<cpu> (e.g. llvm:x86-64-v3), "
         "cuda:sm_80 or cuda:sm_90 (cross-compiled).")] = None,
+    onnx_accuracy_level: Annotated[int | None, typer.Option(
+        "--onnx-accuracy-level", help="Compute precision of quantised linears on onnxruntime (MatMulNBits): 4 "
+        "(default: int8 activations, the fast CPU kernels) or 0 (fp32, exact to the dequantised weights).")] = None,
 ) -> None:
     """Load MODEL, apply the passes and write an artifact directory for BACKEND."""
     import headsmith
@@ -243,6 +246,14 @@ def convert(
         if onnx_attention not in VARIANTS:
             raise HeadsmithError(f"unknown --onnx-attention {onnx_attention!r}", f"choose one of {', '.join(VARIANTS)}")
         options["attention"] = onnx_attention
+    if onnx_accuracy_level is not None:
+        if backend != "onnx":
+            raise HeadsmithError("--onnx-accuracy-level applies to --backend onnx only")
+        from .backends.onnx_quant import ACCURACY_LEVELS
+        if onnx_accuracy_level not in ACCURACY_LEVELS:
+            raise HeadsmithError(f"unknown --onnx-accuracy-level {onnx_accuracy_level}",
+                                 f"choose one of {', '.join(map(str, ACCURACY_LEVELS))}")
+        options["accuracy_level"] = onnx_accuracy_level
     if tvm_target is not None:
         if backend != "tvm":
             raise HeadsmithError("--tvm-target applies to --backend tvm only")

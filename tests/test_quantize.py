@@ -139,9 +139,10 @@ def test_quantize_must_not_fire_twice_and_keeps_the_input() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "phi3", "bert"])
 def test_calibrated_methods_beat_rtn_on_every_architecture(arch: str) -> None:
-    rtn = quantized(arch, "quantize(weights=int4, head=same)").reports[-1]
-    gptq_r = quantized(arch, "quantize(weights=int4, head=same, method=gptq)").reports[-1]
-    awq_r = quantized(arch, "quantize(weights=int4, head=same, method=awq)").reports[-1]
+    # group=32: the tiny models are 64 wide, so the default 64 would leave one block per row
+    rtn = quantized(arch, "quantize(weights=int4, head=same, group=32)").reports[-1]
+    gptq_r = quantized(arch, "quantize(weights=int4, head=same, group=32, method=gptq)").reports[-1]
+    awq_r = quantized(arch, "quantize(weights=int4, head=same, group=32, method=awq)").reports[-1]
     key = "hidden_cosine" if arch == "bert" else "kl"
     better = (lambda a, b: a >= b) if key == "hidden_cosine" else (lambda a, b: a <= b)
     assert better(gptq_r[key], rtn[key])
@@ -202,17 +203,19 @@ def test_quantize_comes_after_structural_passes() -> None:
         source.apply("quantize(weights=int8), heal(steps=1)")
 
 
-def test_hf_export_of_a_quantised_program_is_refused(tmp_path: Path) -> None:
+def test_hf_export_and_tensorrt_of_int_blocks_are_refused(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="cannot write quantised weights"):
         headsmith.convert(quantized("llama", "quantize(weights=int4)"), tmp_path / "o", options={"export": "hf"})
+    with pytest.raises(BackendError, match="TensorRT backend cannot build engines from int4/int8 blocks"):
+        headsmith.convert(quantized("llama", "quantize(weights=int4)"), tmp_path / "o", backend="tensorrt")
     assert not (tmp_path / "o").exists()
 
 
 # ---- engines ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("arch", "spec", "backends"), [
     ("llama", "quantize(weights=int4)", ("onnx", "torch", "tvm")),
-    ("gpt2", "quantize(weights=int8, sym=false)", ("onnx", "torch", "tvm")),  # biases, zero points, Conv1D
-    ("gemma3", "quantize(weights=int4, method=gptq, sym=false, group=64)", ("onnx", "torch", "tvm")),
+    ("gpt2", "quantize(weights=int8, sym=false, group=32)", ("onnx", "torch", "tvm")),  # biases, zero points, Conv1D
+    ("gemma3", "quantize(weights=int4, method=gptq, sym=false, group=16)", ("onnx", "torch", "tvm")),
     ("llama", "gqa(kv_heads=1), prune-mlp(ratio=0.25), quantize(weights=int4, method=awq)", ("onnx", "torch")),
     ("llama", "mla(kv_fraction=0.5), quantize(weights=int8)", ("onnx", "torch", "tvm")),  # padded blocks
     ("llama", "quantize(weights=bf16)", ("onnx", "torch", "tvm")),
@@ -277,3 +280,22 @@ def test_tvm_cuda_graph_of_a_quantised_program_matches_on_the_cpu() -> None:
     out = vm["prefill"](*[tvm.runtime.tensor(t.numpy()) for t in (ids, pos, mask)], *params)
     ref = program(ids, mask, pos)[:, -1:]
     assert float((torch.from_numpy(out[0].numpy()).reshape(ref.shape) - ref).abs().max()) <= 1e-4
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+def test_cli_converts_a_quantised_artifact_and_runs_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from headsmith.cli import main
+
+    from .conftest import tiny_dir
+    out = tmp_path / "q"
+    assert main(["convert", str(tiny_dir("llama")), "--passes", "quantize(weights=int4, method=awq)", "--backend",
+                 "onnx", "--onnx-accuracy-level", "0", "-o", str(out)]) == 0
+    manifest = read_artifact(out).manifest
+    assert manifest["backend"]["accuracy_level"] == 0 and manifest["passes"][-1].startswith("quantize")
+    assert main(["run", str(out), "--prompt", "In the beginning", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    for args, message in ((["--backend", "torch", "--onnx-accuracy-level", "4"], "applies to --backend onnx only"),
+                          (["--backend", "onnx", "--onnx-accuracy-level", "7"], "unknown --onnx-accuracy-level 7")):
+        code = main(["convert", str(tiny_dir("llama")), "-o", str(tmp_path / "bad"), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "bad").exists()

@@ -101,8 +101,14 @@ def build_engine(trt: Any, onnx_path: Path, ranges: dict[str, tuple[int, int, in
 def lower_tensorrt(program: Program, directory: Path, progress: Any = None, max_batch: int = DEFAULT_MAX_BATCH,
                    max_tokens: int | None = None) -> dict[str, Any]:
     """Write ``prefill.engine`` + ``decode.engine`` (or ``model.engine``) into ``directory``."""
+    from ..qweights import packed_args
     from .onnx_backend import lower_onnx
 
+    if any(packed_args(n) is not None for n in program.gm.graph.nodes):
+        raise BackendError("the TensorRT backend cannot build engines from int4/int8 blocks yet (they lower to "
+                           "onnxruntime's MatMulNBits, which TensorRT's ONNX parser does not know)",
+                           "use --backend onnx or tvm for quantize(weights=int4|int8), or quantize(weights=fp16) "
+                           "for TensorRT")
     trt, flavour = import_tensorrt()
     limit = program.info.max_positions or DEFAULT_MAX_TOKENS
     tokens = int(max_tokens) if max_tokens is not None else min(limit, DEFAULT_MAX_TOKENS)

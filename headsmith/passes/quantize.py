@@ -1,4 +1,4 @@
-"""``quantize(weights=int4|int8|bf16|fp16, group=32, method=rtn|gptq|awq, sym=true, head=...)``: weight-only
+"""``quantize(weights=int4|int8|bf16|fp16, group=64, method=rtn|gptq|awq, sym=true, head=...)``: weight-only
 quantisation of the linear layers (and of the token embedding with the LM head). Lossy.
 
 Letters: N output features, K input features, G the group (block) size, V vocabulary.
@@ -64,9 +64,10 @@ class Quantize(Pass):
 
     weights: Literal["int4", "int8", "bf16", "fp16"] = "int4"
     """Weight precision: int4 or int8 blocks with one scale each, or bf16 / fp16."""
-    group: int = 32
+    group: int = 64
     """Input features per block that share a scale (a power of two >= 16; a width it does not divide is
-    zero-padded to whole blocks)."""
+    zero-padded to whole blocks). 64 with fp32 scales is 4.5 bits per int4 weight and 8.5 per int8 weight, the
+    bits of llama.cpp's Q4_0 / Q8_0 (blocks of 32, fp16 scales)."""
     method: Literal["rtn", "gptq", "awq"] = "rtn"
     """rtn (round to nearest), gptq (error feedback through the inverse Hessian), awq (activation-aware scales)."""
     sym: bool = True
