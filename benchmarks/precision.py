@@ -7,9 +7,10 @@
 Precisions (the pass spec each artifact is converted with; artifacts are built once into out/ and reused):
 
 - ``fp32``: no pass; ``bf16``: ``quantize(weights=bf16)`` (16-bit weights);
-- ``int8``: ``quantize(weights=int8)`` (blocks of 32, one fp32 scale each: llama.cpp's Q8_0 rule);
-- ``int4-rtn``: ``quantize(weights=int4, high=[])``: uniform 4-bit blocks of 32 and an int8 LM head, the bits
-  and the rounding rule of llama.cpp's Q4_0 (whose quantiser also keeps the tied embedding in Q8_0);
+- ``int8``: ``quantize(weights=int8)`` (blocks of 64, one fp32 scale each: 8.5 bits a weight, llama.cpp's
+  Q8_0 bits and rounding rule);
+- ``int4-rtn``: ``quantize(weights=int4, high=[])``: uniform 4-bit blocks of 64 and an int8 LM head, 4.5 bits a
+  weight and the rounding rule of llama.cpp's Q4_0 (whose quantiser also keeps the tied embedding in Q8_0);
 - ``int4``: the calibrated recipe (``CALIBRATED``: GPTQ with its defaults: act-order, clipping, 16k calibration
   tokens; value and down projections in int8).
 
