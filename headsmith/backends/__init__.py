@@ -42,16 +42,3 @@ def lower(name: str, program: Program, directory: Path, progress: Any = None,
 def _no_more(name: str, options: dict[str, Any]) -> None:
     if options:
         raise BackendError(f"backend {name!r} has no option(s) {', '.join(sorted(options))}")
-
-
-def engine_for_backend(artifact: Any, threads: int | None = None) -> Any:
-    """The runtime engine for backends other than torch and onnx."""
-    name = artifact.manifest["backend"]["name"]
-    if name == "tvm":
-        from ..runtime.tvm_engine import TvmEngine
-        return TvmEngine.from_artifact(artifact, threads)
-    if name == "tensorrt":
-        from ..runtime.tensorrt_engine import TensorRTEngine
-        return TensorRTEngine.from_artifact(artifact)
-    raise BackendError(f"artifact {artifact.path} was built for backend {name!r}, which this version cannot run",
-                       "convert it again with --backend torch or --backend onnx")

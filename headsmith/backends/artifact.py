@@ -302,7 +302,6 @@ class Artifact:
         if self._module is None:
             from .. import ops as _ops  # noqa: F401  (the program calls torch.ops.headsmith)
             from ..passes import kv_cache as _kv  # noqa: F401  (registers headsmith.cache_point)
-            from ..runtime.engine import ordered_weights
             ep = torch.export.load(str(self.path / "program.pt2"))
             self._module = ep.module()
             self.weights = ordered_weights(self._module, self.weights)
@@ -366,3 +365,9 @@ def read_artifact(path: Path | str, verify: bool = True) -> Artifact:
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return Artifact(path=path, manifest=manifest, spec=ModelSpec.from_dict(manifest["model"]), info=info,
                     source=SourceInfo(**manifest["source"]), weights=weights, tokenizer=tokenizer)
+
+
+def ordered_weights(module: Any, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights dict in the key order the exported program was traced with (its input check is ordered)."""
+    keys = module._in_spec.child(0).child(0).context
+    return {k: weights[k] for k in keys}

@@ -267,12 +267,6 @@ def bind_weights(ep: Any, weights: dict[str, Tensor]) -> Any:
     return call
 
 
-def ordered_weights(module: Any, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The weights dict in the key order the exported program was traced with (its input check is ordered)."""
-    keys = module._in_spec.child(0).child(0).context
-    return {k: weights[k] for k in keys}
-
-
 def _feeds(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> dict[str, np.ndarray]:
     return {"input_ids": input_ids.to(torch.int64).numpy(), "position_ids": position_ids.to(torch.int64).numpy(),
             "attention_mask": attention_mask.to(torch.int64).numpy()}
@@ -292,5 +286,11 @@ def engine_for(artifact: Any, threads: int | None = None) -> Engine:
             if key in backend:
                 engine.session(key)
         return engine
-    from ..backends import engine_for_backend
-    return engine_for_backend(artifact, threads)
+    if name == "tvm":
+        from .tvm_engine import TvmEngine
+        return TvmEngine.from_artifact(artifact, threads)
+    if name == "tensorrt":
+        from .tensorrt_engine import TensorRTEngine
+        return TensorRTEngine.from_artifact(artifact)
+    raise BackendError(f"artifact {artifact.path} was built for backend {name!r}, which this version cannot run",
+                       "convert it again with --backend torch or --backend onnx")
