@@ -17,7 +17,8 @@ from headsmith.fxutil import get_tensor, is_call, set_tensor
 from headsmith.passes import PassContext
 from headsmith.passes.kv_cache import CACHE_POINT, cache_layout, decode_graph, prefill_graph
 from headsmith.passes.prune_heads import INDEX_SELECT, kv_groups
-from headsmith.passes.scores import find_blocks, find_mlps, head_scores, layer_scores, mlp_scores
+from headsmith.passes.scores import head_scores, layer_scores, mlp_scores
+from headsmith.passes.structure import find_blocks, find_mlps
 
 from .conftest import TINY, _ROOT, tiny_program, tiny_tokenizer
 

@@ -47,7 +47,8 @@ from ..program import Program
 from ..sites import LINEAR, AttentionSite, Projection
 from .base import Pass, PassContext, PassResult
 from .kv_cache import CACHE_POINT
-from .scores import calibration_rows, head_scores, refresh_values
+from .scores import calibration_rows, head_scores
+from .structure import refresh_values
 
 aten = torch.ops.aten
 INDEX_SELECT = aten.index_select.default

@@ -1,6 +1,6 @@
 """``prune-layers(n=K | ratio=F, score=...)``: remove whole transformer blocks. Lossy.
 
-A block is removed by making its output its input (blocks come from :func:`scores.find_blocks`: nodes grouped
+A block is removed by making its output its input (blocks come from :func:`structure.find_blocks`: nodes grouped
 by their ``nn_module_stack`` path, one residual value in and one out); dead code elimination then drops the
 block's nodes and weights. Before / after, removing block 1 of 3::
 
@@ -47,7 +47,8 @@ from ..program import Program
 from ..sites import ATTENTION
 from .base import Pass, PassContext, PassResult
 from .kv_cache import CACHE_POINT
-from .scores import Block, calibration_rows, find_blocks, greedy_ppl, layer_scores
+from .scores import calibration_rows, greedy_ppl, layer_scores
+from .structure import Block, find_blocks
 
 
 @dataclass(frozen=True)

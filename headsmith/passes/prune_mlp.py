@@ -1,6 +1,6 @@
 """``prune-mlp(ratio=F, score=...)``: remove intermediate channels of every MLP. Lossy.
 
-MLPs come from :func:`scores.find_mlps`: ``down(act(gate(x)) * up(x))`` (gated), ``down(act(up(x)))``, or a
+MLPs come from :func:`structure.find_mlps`: ``down(act(gate(x)) * up(x))`` (gated), ``down(act(up(x)))``, or a
 fused ``gate_up`` projection cut by ``chunk(.., 2, -1)`` (Phi-3). A channel is one row of every up projection
 (one row per chunk of a fused one) and their biases, and one column of the down projection; the ops between
 them are elementwise, so slicing the weights is the whole edit. Before / after (I = 128 -> 96)::
@@ -30,7 +30,8 @@ import torch
 from ..fxutil import get_tensor, set_tensor
 from ..program import Program
 from .base import Pass, PassContext, PassResult
-from .scores import Mlp, calibration_rows, find_mlps, mlp_scores, refresh_values
+from .scores import calibration_rows, mlp_scores
+from .structure import Mlp, find_mlps, refresh_values
 
 
 @dataclass(frozen=True)

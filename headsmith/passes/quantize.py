@@ -45,7 +45,7 @@ from ..fxutil import add_weight, erase_dead, is_call, prune_unused_attrs, weight
 from ..program import Program
 from ..qweights import EMBEDDING_Q, LINEAR_Q, Packed, check_format, quantize_rtn
 from .base import Pass, PassContext, PassResult
-from .scores import refresh_values
+from .structure import refresh_values
 
 aten = torch.ops.aten
 FLOAT16 = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -200,7 +200,7 @@ class Quantize(Pass):
 
 def linear_roles(program: Program) -> dict[fx.Node, str]:
     """The role of each attention and MLP projection (``q``, ``k``, ``v``, ``o``, ``up``, ``down``)."""
-    from .scores import find_mlps
+    from .structure import find_mlps
     roles: dict[fx.Node, str] = {}
     if program.raised:
         for site in program.sites():
