@@ -99,6 +99,28 @@ def reference_output(arch: str, ids: torch.Tensor, mask: torch.Tensor, pos: torc
     return out.last_hidden_state if arch == "bert" else out.logits
 
 
+def cuda_prefill_on_cpu(program: headsmith.Program, ids: torch.Tensor, pos: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """The last position's logits from the TVM ``cuda:sm_90`` lowering's prefill, compiled for the CPU instead
+    (its decode function is dropped: the cache write is a GPU-scheduled kernel)."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from headsmith.backends.artifact import graph_weights
+    from headsmith.backends.tvm_backend import TvmTarget, build_module
+
+    mod, fields = build_module(program, TvmTarget.parse("cuda:sm_90"))
+    for gv in list(mod.functions):
+        if gv.name_hint.startswith("decode"):
+            del mod[gv]
+    vm = VirtualMachine(tvm.compile(mod, target=tvm.target.Target("llvm")), tvm.cpu())
+    weights = graph_weights(program.gm)
+    params = vm["transform_params"]([tvm.runtime.tensor(weights[n].detach().contiguous().numpy())
+                                     for n in fields["params"]])
+    out = vm["prefill"](*[tvm.runtime.tensor(t.numpy()) for t in (ids, pos, mask)], *params)
+    return torch.from_numpy(out[0].numpy())
+
+
 @pytest.fixture(autouse=True)
 def _always_verify(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Numerical verification after every pass is on in tests unless the test is marked no_verify."""

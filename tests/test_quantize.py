@@ -261,25 +261,12 @@ def test_onnx_graph_uses_the_contrib_kernels_and_shrinks() -> None:
 def test_tvm_cuda_graph_of_a_quantised_program_matches_on_the_cpu() -> None:
     """The CUDA lowering dequantises the blocks with Relax ops in front of the matmul (for dlight to fuse and
     schedule); compiled for the CPU instead, its prefill computes the program's logits."""
-    import tvm
-    from tvm.runtime.vm import VirtualMachine
-
-    from headsmith.backends.artifact import graph_weights
-    from headsmith.backends.tvm_backend import TvmTarget, build_module
+    from .conftest import cuda_prefill_on_cpu
 
     program = quantized("llama", "quantize(weights=int4, sym=false)")
-    mod, fields = build_module(program, TvmTarget.parse("cuda:sm_90"))
-    for gv in list(mod.functions):
-        if gv.name_hint.startswith("decode"):  # its cache write is a GPU-scheduled kernel
-            del mod[gv]
-    vm = VirtualMachine(tvm.compile(mod, target=tvm.target.Target("llvm")), tvm.cpu())
-    weights = graph_weights(program.gm)
-    params = vm["transform_params"]([tvm.runtime.tensor(weights[n].detach().contiguous().numpy())
-                                     for n in fields["params"]])
     ids, pos, mask = program.example_inputs(1, 12, seed=3)
-    out = vm["prefill"](*[tvm.runtime.tensor(t.numpy()) for t in (ids, pos, mask)], *params)
     ref = program(ids, mask, pos)[:, -1:]
-    assert float((torch.from_numpy(out[0].numpy()).reshape(ref.shape) - ref).abs().max()) <= 1e-4
+    assert float((cuda_prefill_on_cpu(program, ids, pos, mask).reshape(ref.shape) - ref).abs().max()) <= 1e-4
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
