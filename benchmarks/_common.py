@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import headsmith
+from headsmith.passes import parse_passes
 
 OUT = Path(__file__).resolve().parent.parent / "out"
 
@@ -24,7 +25,8 @@ def artifact(model: str, backend: str, passes: str = "", name: str | None = None
     if manifest.exists() and not rebuild:
         recorded = json.loads(manifest.read_text())
         applied = [p for p in recorded["passes"] if p != "raise-attention"]  # load() raises attention itself
-        if (recorded["backend"]["name"] == backend and ", ".join(applied) == passes.strip()
+        wanted = [str(p) for p in parse_passes(passes)] if passes.strip() else []  # as the manifest spells them
+        if (recorded["backend"]["name"] == backend and applied == wanted
                 and all(recorded["backend"].get(k) == v for k, v in (options or {}).items())):
             return path
     headsmith.convert(model, path, passes=passes, backend=backend, force=True, options=options)
