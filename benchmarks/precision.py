@@ -317,13 +317,14 @@ def plot(rows: list[dict[str, Any]], contexts: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["precision"] for r in rows))}
+    styles = {"onnx": "-", "tvm": "-.", "torch": ":"}  # llama.cpp: dashed
     for row in rows:
         if row.get(f"dec_{contexts[0]}") is None:
             continue
-        style = "--" if row["engine"].startswith("llama.cpp") else "-"
-        ax.plot(contexts, [row[f"dec_{c}"] for c in contexts], style, marker="o",
-                label=f"{row['precision']} {row['engine']}")
+        ax.plot(contexts, [row[f"dec_{c}"] for c in contexts], styles.get(row["engine"], "--"), marker="o",
+                color=colours[row["precision"]], label=f"{row['precision']} {row['engine']}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s (batch 1)")
