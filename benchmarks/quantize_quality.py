@@ -1,6 +1,6 @@
 """What each `quantize` option costs in quality: held-out perplexity of SmolLM2-135M per spec, in torch.
 
-    python benchmarks/quantize_quality.py [--rows default|all|NAME,NAME] [--tokens 2048] [--json out.json]
+    python benchmarks/quantize_quality.py [--rows default|all|NAME,NAME] [--group N] [--tokens 2048] [--json out.json]
 
 Each row is ``headsmith.load("smollm2-135m").apply(spec)``, evaluated on the program itself (the reference
 kernels of ``linear_q`` / ``embedding_q``, so the figures are the format's, not an engine's): perplexity over
@@ -8,7 +8,8 @@ kernels of ``linear_q`` / ``embedding_q``, so the figures are the format's, not 
 calibration text is Genesis/Exodus, so John is in its style) and the GPL-3 licence from Debian's base-files
 (modern legal English, nothing like the calibration). ``weights MB`` is what a decode step reads
 (``decode_weight_bytes``: packed codes, scales and zero points). The rows are the experiments behind the
-defaults documented in docs/precision.md; ``--rows default`` runs the ones that table keeps in bold.
+defaults documented in docs/precision.md; ``--rows default`` runs the ones that table keeps in bold; ``--group N`` sets
+the block size of every row that does not name one (the ablation there was run at 32).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def texts(tokenizer: Any, tokens: int) -> dict[str, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="default", help="default, all, or names from ROWS separated by commas")
+    ap.add_argument("--group", type=int, help="block size for every quantize row that does not set one")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -78,8 +80,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in names:
         start = time.perf_counter()
-        program = source.apply(ROWS[name]) if ROWS[name] else source
-        row: dict[str, Any] = {"name": name, "spec": f"`{ROWS[name]}`" if ROWS[name] else "(none)",
+        spec = ROWS[name]
+        if args.group and spec.startswith("quantize(weights=int") and "group=" not in spec:
+            spec = f"{spec[:-1]}, group={args.group})"
+        program = source.apply(spec) if spec else source
+        row: dict[str, Any] = {"name": name, "spec": f"`{spec}`" if spec else "(none)",
                                "mb": decode_weight_bytes(program) / 1e6, "pass_s": time.perf_counter() - start}
         with torch.inference_mode():
             for text, ids in data.items():
