@@ -12,6 +12,8 @@ import headsmith
 from headsmith.passes import parse_passes
 
 OUT = Path(__file__).resolve().parent.parent / "out"
+#: modern legal English from Debian's base-files: held-out text unlike the (scriptural) calibration text
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
 
 def artifact(model: str, backend: str, passes: str = "", name: str | None = None, rebuild: bool = False,
@@ -50,3 +52,12 @@ def machine() -> str:
     import platform
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+
+
+def held_out_texts(tokenizer: Any, tokens: int) -> dict[str, torch.Tensor]:
+    """``tokens`` token ids of each held-out text: the bundled Gospel of John and, where present, the GPL-3."""
+    from headsmith.corpus import EVAL_TEXT, tokenize
+    texts = {"john": EVAL_TEXT.read_text()}
+    if GPL3.exists():
+        texts["gpl3"] = GPL3.read_text()
+    return {k: tokenize(tokenizer, v, tokens) for k, v in texts.items()}

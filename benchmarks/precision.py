@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import OUT, artifact, machine, table
+from _common import OUT, artifact, held_out_texts, machine, table
 
 PRECISIONS = {"fp32": "", "bf16": "quantize(weights=bf16)", "int8": "quantize(weights=int8)",
               "int4-rtn": "quantize(weights=int4, high=[])"}
@@ -50,20 +50,11 @@ CALIBRATED = "quantize(weights=int4, method=gptq)"
 PRECISIONS["int4"] = CALIBRATED
 #: the llama.cpp file at the same bits as each precision
 LLAMA_PEER = {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "int4-rtn": "Q4_0"}
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
 PPL_TOKENS, PPL_WINDOW = 2048, 512
 THREADS = 2
 
 
 # ---- workers (run in a subprocess each) ---------------------------------------------------------------
-def _texts(tokenizer: Any) -> dict[str, Any]:
-    from headsmith.corpus import EVAL_TEXT, tokenize
-    texts = {"john": EVAL_TEXT.read_text()}
-    if GPL3.exists():
-        texts["gpl3"] = GPL3.read_text()
-    return {k: tokenize(tokenizer, v, PPL_TOKENS) for k, v in texts.items()}
-
-
 def headsmith_worker(path: Path, contexts: list[int], new_tokens: int, repeats: int, ppl: bool) -> dict[str, Any]:
     import torch
 
@@ -82,7 +73,7 @@ def headsmith_worker(path: Path, contexts: list[int], new_tokens: int, repeats: 
         out["contexts"][c] = {"prefill_tok_s": t.prefill_tok_s, "decode_tok_s": t.decode_tok_s}
     if ppl:
         out["perplexity"] = {k: perplexity(lambda i, m, p: engine.forward(i, m, p), ids, window=PPL_WINDOW)["perplexity"]
-                             for k, ids in _texts(art.tokenizer).items()}
+                             for k, ids in held_out_texts(art.tokenizer, PPL_TOKENS).items()}
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -142,7 +133,7 @@ def llama_worker(path: Path, contexts: list[int], new_tokens: int, repeats: int,
     if ppl:
         llm = llama_cpp.Llama(str(path), n_ctx=PPL_WINDOW, logits_all=True, **params)
         out["perplexity"] = {}
-        for name, text_ids in _texts(tokenizer).items():
+        for name, text_ids in held_out_texts(tokenizer, PPL_TOKENS).items():
             nll, count = 0.0, 0
             for begin, end, score_from in Windows(text_ids, PPL_WINDOW, PPL_WINDOW // 2):
                 chunk = text_ids[begin:end].tolist()

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from _common import machine, table
+from _common import held_out_texts, machine, table
 
 import headsmith
 
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
 WINDOW = 512
 
 #: name -> spec; the defaults first
@@ -52,14 +51,6 @@ ROWS: dict[str, str] = {
 DEFAULT_ROWS = ["fp32", "bf16", "int8", "int4-rtn", "int4-gptq", "int4-awq"]
 
 
-def texts(tokenizer: Any, tokens: int) -> dict[str, torch.Tensor]:
-    from headsmith.corpus import EVAL_TEXT, tokenize
-    out = {"john": EVAL_TEXT.read_text()}
-    if GPL3.exists():
-        out["gpl3"] = GPL3.read_text()
-    return {k: tokenize(tokenizer, v, tokens) for k, v in out.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="default", help="default, all, or names from ROWS separated by commas")
@@ -76,7 +67,7 @@ def main() -> None:
     from headsmith.eval.metrics import perplexity
 
     source = headsmith.load("smollm2-135m")
-    data = texts(source.tokenizer, args.tokens)
+    data = held_out_texts(source.tokenizer, args.tokens)
     rows: list[dict[str, Any]] = []
     for name in names:
         start = time.perf_counter()
