@@ -143,11 +143,10 @@ def export_program(gm: fx.GraphModule, weights: dict[str, Tensor], example: tupl
 
 def export_step_programs(program: Program, directory: Path, weights: dict[str, Tensor]) -> list[dict[str, Any]]:
     """Write ``prefill.pt2`` and ``decode.pt2`` (weights lifted); returns the cache layout."""
-    from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
-    from .onnx_backend import decode_dynamic
+    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
 
-    pre, entries = prefill_graph(program)
-    dec, _ = decode_graph(program)
+    pre, entries = prefill_graph(program, ring=True)
+    dec, _ = decode_graph(program, ring=True)
     ids, pos, mask = program.example_inputs(batch=2, seq=8)
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=65536)
@@ -155,8 +154,8 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
     torch.export.save(ep, str(directory / "prefill.pt2"))
     with torch.no_grad():
         cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
-    example = (ids[:, :3].contiguous(), pos[:, :3] + 8, torch.ones(ids.shape[0], 11, dtype=torch.int64), *cache)
-    ep = export_program(dec, weights, example, decode_dynamic(len(cache)))
+    example, dynamic, _ = decode_example(cache, entries, ids.shape[0], program.info.vocab_size)
+    ep = export_program(dec, weights, example, dynamic)
     torch.export.save(ep, str(directory / "decode.pt2"))
     return layout_dict(entries)
 

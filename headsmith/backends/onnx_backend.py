@@ -144,22 +144,14 @@ def share_weights(primary: Path, secondary: Path) -> None:
     del moved
 
 
-def decode_dynamic(n_past: int) -> tuple[Any, ...]:
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    new = torch.export.Dim("new", min=1, max=65536)
-    past = torch.export.Dim("past", min=0, max=1 << 20)
-    total = torch.export.Dim("total", min=1, max=(1 << 20) + 65536)
-    return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: total}) + tuple(
-        {0: batch, 2: past} for _ in range(n_past))
-
-
 def lower_onnx(program: Program, directory: Path, progress: Any = None, variant: str = DEFAULT_VARIANT,
-               accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict[str, Any]:
+               accuracy_level: int = DEFAULT_ACCURACY_LEVEL, ring: bool = True) -> dict[str, Any]:
     """Write ``model.onnx`` (encoders) or ``prefill.onnx`` + ``decode.onnx`` into ``directory`` (``variant``:
-    see ``VARIANTS``; ``accuracy_level``: the compute precision of quantised linears, see onnx_quant.py)."""
+    see ``VARIANTS``; ``accuracy_level``: the compute precision of quantised linears, see onnx_quant.py;
+    ``ring``: windowed layers get ring caches, see passes/kv_cache.py)."""
     import onnx
 
-    from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
+    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
 
     if variant not in VARIANTS:
         raise BackendError(f"unknown ONNX attention variant {variant!r}", f"choose one of {', '.join(VARIANTS)}")
@@ -175,29 +167,28 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
         onnx.checker.check_model(str(directory / "model.onnx"), full_check=False)
         return {"name": "onnx", "attention": variant, "opset": FUSED_OPSET if variant == "fused" else OPSET,
                 **quantized, "forward": "model.onnx", "cache": []}
-    pre, entries = prefill_graph(program)
-    dec, _ = decode_graph(program)
+    pre, entries = prefill_graph(program, ring=ring)
+    dec, _ = decode_graph(program, ring=ring)
     cache_names = [e.name.replace(".", "_") for e in entries]
     _say(progress, "exporting prefill.onnx")
     export_graph(pre, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "prefill.onnx", inputs,
                  ["logits", *[f"present_{n}" for n in cache_names]], variant, accuracy_level=accuracy_level)
     with torch.no_grad():
         cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
-    ids2, pos2 = ids[:, :3].contiguous(), pos[:, :3] + 8
-    mask2 = torch.ones(ids.shape[0], 11, dtype=torch.int64)
+    example, dynamic, decode_inputs = decode_example(cache, entries, ids.shape[0], program.info.vocab_size)
     _say(progress, "exporting decode.onnx")
-    export_graph(dec, (ids2, pos2, mask2, *cache), decode_dynamic(len(cache)), directory / "decode.onnx",
-                 inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
-                 variant, accuracy_level=accuracy_level)
+    export_graph(dec, example, dynamic, directory / "decode.onnx", decode_inputs,
+                 ["logits", *[f"present_{n}" for n in cache_names]], variant, accuracy_level=accuracy_level)
     share_weights(directory / "prefill.onnx", directory / "decode.onnx")
     names = ["prefill.onnx", "decode.onnx"]
     gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
     extra: dict[str, Any] = {}
     if variant == "fused" and in_place:  # steps without padding run GQA without its (slow) attention_bias
         _say(progress, "exporting decode_dense.onnx (steps without padding)")
-        export_graph(dec, (ids2, pos2, mask2, *cache), decode_dynamic(len(cache)), directory / "decode_dense.onnx",
-                     inputs + [f"past_{n}" for n in cache_names], ["logits", *[f"present_{n}" for n in cache_names]],
-                     variant, accuracy_level=accuracy_level, dense=True)
+        dense, _ = decode_graph(program, ring=ring, dense=True)
+        export_graph(dense, example, dynamic, directory / "decode_dense.onnx", decode_inputs,
+                     ["logits", *[f"present_{n}" for n in cache_names]], variant, accuracy_level=accuracy_level,
+                     dense=True)
         share_weights(directory / "prefill.onnx", directory / "decode_dense.onnx")
         names.append("decode_dense.onnx")
         extra["decode_dense"] = "decode_dense.onnx"

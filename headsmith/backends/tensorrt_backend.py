@@ -116,7 +116,7 @@ def lower_tensorrt(program: Program, directory: Path, progress: Any = None, max_
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="headsmith-trt-"))
     try:
-        record = lower_onnx(program, scratch, progress, variant="plain")
+        record = lower_onnx(program, scratch, progress, variant="plain", ring=False)
         engines: dict[str, str] = {}
         for key, engine_name in ENGINES.items():
             if key not in record:

@@ -246,10 +246,9 @@ def build_module(program: Program, target: TvmTarget, progress: Any = None) -> t
     import tvm
     from tvm import relax
 
-    from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
+    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
     from .artifact import graph_weights
     from .lowering import fuse_kv_attention
-    from .onnx_backend import decode_dynamic
 
     ids, pos, mask = program.example_inputs(batch=2, seq=8)
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -261,8 +260,9 @@ def build_module(program: Program, target: TvmTarget, progress: Any = None) -> t
         fields["cache"] = []
     else:
         program = cache_expanded_kv(program)
-        pre, entries = prefill_graph(program)
-        dec, _ = decode_graph(program)
+        ring = target.kind == "llvm"  # ring caches on CPU (the engine moves slots with torch); full caches on GPUs
+        pre, entries = prefill_graph(program, ring=ring)
+        dec, _ = decode_graph(program, ring=ring)
         if any(e.slot not in ("key", "value") for e in entries):
             raise BackendError("the TVM backend caches attention keys and values only; this program caches "
                                f"{sorted({e.slot for e in entries})}", "use --backend onnx or --backend torch")
@@ -270,8 +270,8 @@ def build_module(program: Program, target: TvmTarget, progress: Any = None) -> t
         with torch.no_grad():
             cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
         graphs["prefill"] = (pre, (ids, pos, mask), ({0: batch, 1: seq},) * 3)
-        graphs["decode"] = (dec, (ids[:, :3].contiguous(), pos[:, :3] + 8,
-                                  torch.ones(ids.shape[0], 11, dtype=torch.int64), *cache), decode_dynamic(len(cache)))
+        example, dynamic, _ = decode_example(cache, entries, ids.shape[0], program.info.vocab_size)
+        graphs["decode"] = (dec, example, dynamic)
         fields["cache"] = layout_dict(entries)
     names, alias = weight_names([g for g, _, _ in graphs.values()])
     weights = graph_weights(program.gm)

@@ -279,7 +279,8 @@ class Converters:
         b, hq, tq, d = q.ty.shape
         if self.mask_node is None:
             raise BackendError("the decode graph has no attention_mask input")
-        total = importer.env[self.mask_node].ty.shape[1]
+        # P+T from the layer's own key mask (a ring layer's holds fewer slots than the text, see kv_cache.py)
+        total = importer.env[key_mask if key_mask is not None else self.mask_node].ty.shape[1]
         mask = self._mask(importer, key_mask, b, total)
         hkv, dv = int(k.ty.shape[1]), int(v.ty.shape[3])
         if self.target.kind != "llvm" or q.ty.dtype != "float32":

@@ -21,10 +21,11 @@ from .prune_layers import PruneLayers
 from .prune_mlp import PruneMlp
 from .quantize import Quantize
 from .raise_attention import RaiseAttention
+from .sparse_attention import SparseAttention
 from .spec import build, parse_spec
 
 ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Gqa, Heal, Mla, PruneHeads, PruneLayers,
-                                      PruneMlp, Quantize)
+                                      PruneMlp, Quantize, SparseAttention)
 REGISTRY: dict[str, type[Pass]] = {p.name: p for p in ALL_PASSES}
 ENTRY_POINT_GROUP = "headsmith.passes"
 _plugins_loaded = False

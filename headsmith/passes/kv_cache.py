@@ -18,6 +18,16 @@ padding masks need no other change. Before / after for one layer::
                                                attention(q, k_all, v_all, key_mask)    # outputs k_all, v_all
 
 The layout of each cache entry goes into the artifact manifest (:func:`cache_layout`).
+
+**Ring caches** (``ring=True``): a layer with a sliding window of ``W`` keys and ``S`` sinks can never see more
+than ``S + W`` keys, so its entries get ``capacity = S + W`` slots: the sinks, a ring of ``W - 1`` recent tokens
+and the step's own token (the runtime's ``ring.py`` assigns the slots). Keys are cached after RoPE and attention
+does not depend on the order of its keys, so the slots need not follow the text. The decode graph gives each
+such layer its own key mask ``ring_mask_s{S}_w{W}[B, L+T]`` (``L`` cached slots, ``T`` new tokens; the runtime
+builds it from the attention mask, padding included) instead of the full ``attention_mask``. The layer keeps its
+window and sinks: while the slots still follow the text (no token evicted yet, or a cache-less forward) they are
+the exact mask, and once the ring is full a step of one token sees exactly its ``S + W`` cached keys, where the
+window masks nothing. Steps of several tokens on a full ring run one token at a time (the engines do it).
 """
 
 from __future__ import annotations
@@ -64,7 +74,17 @@ class CacheEntry:
     seq_dim: int
     dtype: str
     window: int = 0
-    """The layer's sliding window (0: full). Entries keep all tokens; the window is applied by the mask."""
+    """The layer's sliding window (0: full)."""
+    sinks: int = 0
+    """The layer's attention sinks (first tokens that stay visible besides the window)."""
+    capacity: int = 0
+    """Slots of a ring cache (``sinks + window``; see the module docstring); 0: the entry keeps every token and
+    the window is applied by the mask."""
+
+    @property
+    def ring_mask(self) -> str:
+        """The decode graph's key-mask input for this entry's layer (ring entries only)."""
+        return ring_mask_name(self.sinks, self.window)
 
     def bytes_per_token(self, itemsize: int) -> int:
         n = 1
@@ -74,40 +94,48 @@ class CacheEntry:
         return n * itemsize
 
 
+def ring_mask_name(sinks: int, window: int) -> str:
+    return f"ring_mask_s{sinks}_w{window}"
+
+
 @dataclass(frozen=True)
 class CachePoint:
     node: fx.Node
     entry: CacheEntry
 
 
-def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]]) -> list[CachePoint]:
+def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], ring: bool = False) -> list[CachePoint]:
     points: list[CachePoint] = []
     marked = [n for n in gm.graph.nodes if is_call(n, CACHE_POINT)]
     marked_layers = {int(n.args[1]) for n in marked}  # type: ignore[arg-type]
+    pattern = {}  # layer -> (window, sinks, capacity)
+    for i, att in enumerate(attention_nodes(gm.graph)):
+        window, sinks = int(att.kwargs.get("window", 0)), int(att.kwargs.get("sinks", 0))  # type: ignore[arg-type]
+        capacity = window + sinks if ring and window > 0 and bool(att.kwargs.get("causal", True)) else 0
+        pattern[int(att.kwargs.get("layer", i))] = (window, sinks, capacity)  # type: ignore[arg-type]
     for n in marked:
         layer, slot, seq_dim = int(n.args[1]), int(n.args[2]), int(n.args[3])  # type: ignore[arg-type]
         shape = list(shapes[n])
         shape[0], shape[seq_dim] = -1, -1
         points.append(CachePoint(n, CacheEntry(f"layer{layer}.slot{slot}", layer, f"slot{slot}", tuple(shape),
-                                               seq_dim, "float32")))
+                                               seq_dim, "float32", *pattern.get(layer, (0, 0, 0)))))
     for i, att in enumerate(attention_nodes(gm.graph)):
         layer = int(att.kwargs.get("layer", i))  # type: ignore[arg-type]
         if layer in marked_layers:
             continue
-        window = int(att.kwargs.get("window", 0))  # type: ignore[arg-type]
         for slot, arg in (("key", att.args[1]), ("value", att.args[2])):
             assert isinstance(arg, fx.Node)
             shape = list(shapes[arg])
             shape[0], shape[2] = -1, -1
             points.append(CachePoint(arg, CacheEntry(f"layer{layer}.{slot}", layer, slot, tuple(shape), 2,
-                                                     "float32", window)))
+                                                     "float32", *pattern[layer])))
     points.sort(key=lambda p: (p.entry.layer, p.entry.slot != "key", p.entry.slot))
     return points
 
 
-def cache_layout(program: Program) -> list[CacheEntry]:
+def cache_layout(program: Program, ring: bool = False) -> list[CacheEntry]:
     """The cache entries of ``program``'s decode graph, in input/output order."""
-    return [p.entry for p in _points(program.gm, program.shapes())]
+    return [p.entry for p in _points(program.gm, program.shapes(), ring)]
 
 
 def _prepare(program: Program) -> tuple[fx.GraphModule, dict[str, fx.Node], dict[fx.Node, tuple[int, ...]]]:
@@ -152,14 +180,16 @@ def _finish(gm: fx.GraphModule, outputs: list[fx.Node]) -> fx.GraphModule:
     return gm
 
 
-def prefill_graph(program: Program, last_only: bool = True) -> tuple[fx.GraphModule, list[CacheEntry]]:
+def prefill_graph(program: Program, last_only: bool = True, ring: bool = False
+                  ) -> tuple[fx.GraphModule, list[CacheEntry]]:
     """``(ids, pos, mask) -> (logits, *cache)`` (see the module docstring).
 
     With ``last_only`` the LM head runs on the last position only (logits ``[B,1,V]``), as generation
-    needs; a whole-sequence forward is the decode graph with an empty past.
+    needs; a whole-sequence forward is the decode graph with an empty past. The presents hold every prompt
+    token, ring entries too (the runtime keeps the slots it needs).
     """
     gm, _, shapes = _prepare(program)
-    points = _points(gm, shapes)
+    points = _points(gm, shapes, ring)
     if last_only:
         _lm_head_last_position(gm, program.info.vocab_size)
     return _finish(gm, [p.node for p in points]), [p.entry for p in points]
@@ -189,11 +219,16 @@ def _ancestors_of(node: object) -> set[fx.Node]:
     return ancestors([node]) if isinstance(node, fx.Node) else set()
 
 
-def decode_graph(program: Program) -> tuple[fx.GraphModule, list[CacheEntry]]:
-    """``(ids, pos, mask[B,P+T], *past) -> (logits, *present)`` (see the module docstring)."""
+def decode_graph(program: Program, ring: bool = False, dense: bool = False
+                 ) -> tuple[fx.GraphModule, list[CacheEntry]]:
+    """``(ids, pos, mask[B,P+T], *past, *ring_masks) -> (logits, *present)`` (see the module docstring).
+
+    ``dense``: a graph only run for steps that fit their ring (``L + T <= capacity``, no cache-less forward):
+    ring layers drop their window and sinks, which mask nothing there (a kernel without sinks can take them).
+    """
     gm, inputs, shapes = _prepare(program)
     graph = gm.graph
-    points = _points(gm, shapes)
+    points = _points(gm, shapes, ring)
     last_input = list(inputs.values())[-1]
     presents: list[fx.Node] = []
     anchor = last_input
@@ -205,7 +240,70 @@ def decode_graph(program: Program) -> tuple[fx.GraphModule, list[CacheEntry]]:
             cat = graph.call_function(aten.cat.default, ([past, p.node], p.entry.seq_dim))
         p.node.replace_all_uses_with(cat, delete_user_cb=lambda u, c=cat: u is not c)
         presents.append(cat)
+    _ring_masks(gm, [p.entry for p in points], anchor, dense)
     return _finish(gm, presents), [p.entry for p in points]
+
+
+def _ring_masks(gm: fx.GraphModule, entries: list[CacheEntry], anchor: fx.Node, dense: bool) -> None:
+    """Give the attention of every ring layer its own key mask input (one per distinct sinks/window)."""
+    graph = gm.graph
+    rings = {e.layer: e for e in entries if e.capacity > 0}
+    masks: dict[str, fx.Node] = {}
+    for i, att in enumerate(attention_nodes(graph)):
+        entry = rings.get(int(att.kwargs.get("layer", i)))  # type: ignore[arg-type]
+        if entry is None:
+            continue
+        if entry.ring_mask not in masks:
+            with graph.inserting_after(anchor):
+                placeholder = graph.placeholder(entry.ring_mask)
+            anchor = placeholder
+            with graph.inserting_before(att):
+                masks[entry.ring_mask] = graph.call_function(aten.ne.Scalar, (placeholder, 0))
+        args = list(att.args) + [None] * max(0, 4 - len(att.args))
+        args[3] = masks[entry.ring_mask]
+        att.args = tuple(args)
+        kwargs = {k: v for k, v in att.kwargs.items() if k != "key_mask"}
+        if dense:
+            kwargs.update(window=0, sinks=0)
+        att.kwargs = kwargs
+
+
+def decode_dynamic(entries: list[CacheEntry]) -> tuple[Any, ...]:
+    """``dynamic_shapes`` of the decode graph's inputs for ``torch.export`` (ids, positions, mask, the pasts,
+    the ring masks): ring entries get their own past / total dims (they hold fewer tokens than the text)."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    new = torch.export.Dim("new", min=1, max=65536)
+    past = torch.export.Dim("past", min=0, max=1 << 20)
+    total = torch.export.Dim("total", min=1, max=(1 << 20) + 65536)
+    ring_dims = {r: (torch.export.Dim(f"past_{r[10:]}", min=0, max=1 << 20),
+                     torch.export.Dim(f"total_{r[10:]}", min=1, max=(1 << 20) + 65536)) for r in _ring_names(entries)}
+    pasts = tuple({0: batch, e.seq_dim: ring_dims[e.ring_mask][0] if e.capacity > 0 else past} for e in entries)
+    return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: total}, *pasts,
+            *({0: batch, 1: ring_dims[r][1]} for r in ring_dims))
+
+
+RING_EXAMPLE = 6
+"""Slots of the ring pasts in the traced example (any size traces the same graph; not 0/1, not the others)."""
+
+
+def decode_example(cache: list[Tensor], entries: list[CacheEntry], batch: int, vocab: int
+                   ) -> tuple[tuple[Tensor, ...], tuple[Any, ...], list[str]]:
+    """Example inputs (3 new tokens after the prefill's ``cache`` of 8), ``dynamic_shapes`` and input names of
+    the decode graph of ``entries``."""
+    past_len = int(cache[0].shape[entries[0].seq_dim]) if cache else 8
+    ids = torch.randint(0, max(vocab, 1), (batch, 3), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(past_len, past_len + 3).expand(batch, 3).contiguous()
+    mask = torch.ones(batch, past_len + 3, dtype=torch.int64)
+    pasts = [c.narrow(e.seq_dim, 0, RING_EXAMPLE).contiguous() if e.capacity > 0 else c
+             for c, e in zip(cache, entries)]
+    rings = [torch.ones(batch, RING_EXAMPLE + 3, dtype=torch.int64) for _ in _ring_names(entries)]
+    names = ["input_ids", "position_ids", "attention_mask", *[f"past_{e.name.replace('.', '_')}" for e in entries],
+             *_ring_names(entries)]
+    return (ids, pos, mask, *pasts, *rings), decode_dynamic(entries), names
+
+
+def _ring_names(entries: list[CacheEntry]) -> list[str]:
+    return list(dict.fromkeys(e.ring_mask for e in entries if e.capacity > 0))
 
 
 def layout_dict(entries: list[CacheEntry]) -> list[dict[str, Any]]:

@@ -10,6 +10,9 @@ Inputs are int64 torch tensors, outputs float32 torch tensors. ``TorchEngine`` r
 graphs (from a Program in memory or the ``.pt2`` files of an artifact); ``OrtEngine`` runs the ONNX files
 with onnxruntime (CUDA when present, else CPU), binding inputs and outputs to the preallocated
 :class:`~headsmith.runtime.kv_cache.KVCache` buffers so a decode step allocates nothing.
+
+Layers with a sliding window keep ring caches (``ring.py``): every engine feeds their ``ring_mask_*`` inputs and
+runs a step that would not fit a full ring as steps of fewer tokens (:func:`decode_in_steps`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor
 from ..errors import BackendError
 from ..program import ModelInfo, ModelSpec, Program
 from .kv_cache import CacheSpec, KVCache
+from .ring import Ring, ring_masks, rings_of, step_size
 
 
 class Engine(Protocol):
@@ -42,17 +46,74 @@ class Engine(Protocol):
 
 @dataclass
 class TorchCache:
-    """The torch engine's cache: the present tensors of the last step."""
+    """The torch engine's cache: the present tensors of the last step (ring entries: their kept slots)."""
 
     tensors: list[Tensor]
     seq_dims: list[int]
+    rings: list[Ring | None] = field(default_factory=list)
+    seen: int = -1
+    """Tokens seen (-1: the length of the tensors, for a cache without rings)."""
+
+    def __post_init__(self) -> None:
+        if not self.rings:
+            self.rings = [None] * len(self.tensors)
+        if self.seen < 0:
+            self.seen = int(self.tensors[0].shape[self.seq_dims[0]]) if self.tensors else 0
 
     @property
     def length(self) -> int:
-        return int(self.tensors[0].shape[self.seq_dims[0]]) if self.tensors else 0
+        return self.seen
+
+    @staticmethod
+    def from_prompt(presents: list[Tensor], seq_dims: list[int], rings: list[Ring | None]) -> TorchCache:
+        """The cache after a prompt whose presents hold every token (ring entries keep their slots)."""
+        t = max((int(p.shape[d]) for p, d in zip(presents, seq_dims)), default=0)
+        kept = [p if r is None else p.index_select(d, torch.from_numpy(r.tokens(t)))
+                for p, d, r in zip(presents, seq_dims, rings)]
+        return TorchCache(kept, seq_dims, list(rings), t)
+
+    def step(self, presents: list[Tensor], new: int) -> None:
+        """Take a decode step's presents (ring entries file the step's token into its slot)."""
+        for i, (p, d, r) in enumerate(zip(presents, self.seq_dims, self.rings)):
+            move = r.after_step(self.seen, new) if r is not None else None
+            if move is not None:
+                assert r is not None
+                p = p.clone()
+                if move[1] >= 0:
+                    p.narrow(d, move[1], 1).copy_(p.narrow(d, move[0], 1))
+                p = p.narrow(d, 0, r.capacity - 1)
+            presents[i] = p
+        self.tensors = list(presents)
+        self.seen += new
 
     def truncate(self, length: int) -> None:
-        self.tensors = [t.narrow(d, 0, length).contiguous() for t, d in zip(self.tensors, self.seq_dims)]
+        if length >= self.seen:
+            return
+        for r in self.rings:
+            if r is not None:
+                r.check_truncate(self.seen, length)
+        self.tensors = [t.narrow(d, 0, length if r is None else r.slots(length)).contiguous()
+                        for t, d, r in zip(self.tensors, self.seq_dims, self.rings)]
+        self.seen = length
+
+
+def decode_in_steps(engine: Any, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any,
+                    size: Any) -> tuple[Tensor, Any]:
+    """``engine.decode`` of T tokens as consecutive steps of ``size(seen, left)`` tokens (same result)."""
+    t = input_ids.shape[1]
+    past = attention_mask.shape[1] - t
+    pieces, done = [], 0
+    while done < t:
+        n = max(1, min(t - done, size(past + done, t - done)))
+        logits, cache = engine.decode(input_ids[:, done:done + n], attention_mask[:, :past + done + n],
+                                      position_ids[:, done:done + n], cache)
+        pieces.append(logits)
+        done += n
+    return torch.cat(pieces, 1), cache
+
+
+def ring_feeds(rings: list[Ring | None], attention_mask: Tensor, seen: int) -> dict[str, np.ndarray]:
+    return ring_masks(rings, attention_mask.to(torch.int64).numpy(), seen)
 
 
 @dataclass
@@ -65,6 +126,7 @@ class TorchEngine:
     decode_fn: Any
     forward_fn: Any
     seq_dims: list[int]
+    rings: list[Ring | None] = field(default_factory=list)
     name: str = "torch"
 
     @staticmethod
@@ -73,9 +135,9 @@ class TorchEngine:
         if program.info.task != "causal-lm":
             return TorchEngine(program.info, spec, None, None, program.gm, [])
         from ..passes.kv_cache import decode_graph, prefill_graph
-        pre, entries = prefill_graph(program)
-        dec, _ = decode_graph(program)
-        return TorchEngine(program.info, spec, pre, dec, program.gm, [e.seq_dim for e in entries])
+        pre, entries = prefill_graph(program, ring=True)
+        dec, _ = decode_graph(program, ring=True)
+        return TorchEngine(program.info, spec, pre, dec, program.gm, [e.seq_dim for e in entries], rings_of(entries))
 
     @staticmethod
     def from_artifact(artifact: Any) -> TorchEngine:
@@ -92,18 +154,27 @@ class TorchEngine:
             return TorchEngine(artifact.info, artifact.spec, None, None, forward, [])
         cache = backend.get("cache", [])
         return TorchEngine(artifact.info, artifact.spec, load(backend["prefill"]), load(backend["decode"]), forward,
-                           [int(e["seq_dim"]) for e in cache])
+                           [int(e["seq_dim"]) for e in cache], rings_of(cache))
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         with torch.no_grad():
             out = self.prefill_fn(input_ids, position_ids, attention_mask)
-        return out[0], TorchCache(list(out[1:]), self.seq_dims)
+        return out[0], TorchCache.from_prompt(list(out[1:]), self.seq_dims, self.rings)
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: TorchCache) -> tuple[Tensor, Any]:
+        t = input_ids.shape[1]
+        if step_size(self.rings, cache.length, t) < t:
+            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache,
+                                   lambda seen, left: step_size(self.rings, seen, left))
+        rings = [torch.from_numpy(m) for m in ring_feeds(self.rings, attention_mask, cache.length).values()]
         with torch.no_grad():
-            out = self.decode_fn(input_ids, position_ids, attention_mask, *cache.tensors)
-        cache.tensors = list(out[1:])
+            out = self.decode_fn(input_ids, position_ids, attention_mask, *cache.tensors, *rings)
+        if cache.length == 0:  # a prompt through the decode graph: ring entries keep their slots of it
+            fresh = TorchCache.from_prompt(list(out[1:]), self.seq_dims, self.rings)
+            cache.tensors, cache.seen, cache.rings = fresh.tensors, fresh.seen, fresh.rings
+        else:
+            cache.step(list(out[1:]), t)
         return out[0], cache
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
@@ -158,18 +229,22 @@ class OrtEngine:
             io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         sess.run_with_iobinding(io)
 
+    @property
+    def rings(self) -> list[Ring | None]:
+        return rings_of(self.backend.get("cache", []))
+
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         b, t = input_ids.shape
         cache = self.new_cache(b, capacity=max(256, 2 * t))
         logits = np.empty((b, 1, self.info.vocab_size), dtype=np.float32)
         names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
-        if cache.in_place:  # the prefill graph returns compact presents: copy them into the buffers once
-            presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs]
-        else:
-            presents = cache.present_views(t)
+        # in place, or with rings, the prefill graph returns compact presents of every token: stored once
+        compact = cache.in_place or any(r is not None for r in cache.rings)
+        presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs] if compact \
+            else cache.present_views(t)
         self._run("prefill", _feeds(input_ids, position_ids, attention_mask),
                   [("logits", logits), *zip(names, presents)])
-        if cache.in_place:
+        if compact:
             cache.store(presents)
         else:
             cache.commit(t)
@@ -178,29 +253,33 @@ class OrtEngine:
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: KVCache) -> tuple[Tensor, Any]:
         b, t = input_ids.shape
-        if (self.backend.get("attention") == "gqa" or self.backend.get("gqa_layers")) and b > 1 and t > 1 \
-                and cache.length > 0:
-            # onnxruntime's GroupQueryAttention takes several new tokens with a past only for batch 1:
-            # run them one at a time (same result)
-            p = attention_mask.shape[1] - t
-            pieces = []
-            for i in range(t):
-                logits, cache = self.decode(input_ids[:, i:i + 1], attention_mask[:, :p + i + 1],
-                                            position_ids[:, i:i + 1], cache)
-                pieces.append(logits)
-            return torch.cat(pieces, 1), cache
-        presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
+        # onnxruntime's GroupQueryAttention takes several new tokens with a past only for batch 1; a step must
+        # fit every ring: both run as steps of fewer tokens (same result)
+        one = (self.backend.get("attention") == "gqa" or self.backend.get("gqa_layers")) and b > 1 and t > 1 \
+            and cache.length > 0
+        if one or step_size(cache.rings, cache.length, t) < t:
+            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache,
+                                   lambda seen, left: 1 if one else step_size(cache.rings, seen, left))
+        feeds = _feeds(input_ids, position_ids, attention_mask)
+        feeds.update(ring_feeds(cache.rings, attention_mask, cache.length))
         logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
+        names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
+        if cache.length == 0:  # a prompt through the decode graph: compact presents, stored once (rings keep
+            for spec in cache.specs:  # their slots of it)
+                feeds[f"past_{spec.name.replace('.', '_')}"] = np.empty(cache.shape_for(spec, 0), dtype=np.float32)
+            presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs]
+            self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
+            cache.store(presents)
+            return torch.from_numpy(logits), cache
+        presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
         if cache.in_place:
             # no padding: the graph whose attention takes no mask (faster), when the artifact has one
             key = "decode_dense" if "decode_dense" in self.backend and bool(attention_mask.all()) else "decode"
-            self._run_in_place(cache, presents, _feeds(input_ids, position_ids, attention_mask), logits, key)
+            self._run_in_place(cache, presents, feeds, logits, key)
             cache.commit(t)
             return torch.from_numpy(logits), cache
-        feeds = _feeds(input_ids, position_ids, attention_mask)
         for spec, past in zip(cache.specs, cache.past()):
             feeds[f"past_{spec.name.replace('.', '_')}"] = past
-        names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
         self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
         cache.commit(t)
         return torch.from_numpy(logits), cache
@@ -230,10 +309,15 @@ class OrtEngine:
             out = self.session("forward").run(None, {k: v for k, v in _feeds(input_ids, position_ids,
                                                                              attention_mask).items()})
             return torch.from_numpy(out[0])
-        # an empty ping-pong cache: the graph sees a past of length 0 (a prompt), whatever its cache mode
-        empty = KVCache(self.cache_specs, input_ids.shape[0], 1)
-        logits, _ = self.decode(input_ids, attention_mask, position_ids, empty)
-        return logits
+        # the decode graph from an empty cache (a prompt): every token's logits; the presents are dropped
+        b, t = input_ids.shape
+        feeds = _feeds(input_ids, position_ids, attention_mask)
+        feeds.update(ring_feeds(self.rings, attention_mask, 0))
+        specs = self.cache_specs
+        for spec in specs:
+            feeds[f"past_{spec.name.replace('.', '_')}"] = np.empty(
+                [b if i == 0 else 0 if i == spec.seq_dim else d for i, d in enumerate(spec.shape)], dtype=np.float32)
+        return torch.from_numpy(self.session("decode").run(["logits"], feeds)[0])
 
 
 def bind_weights(ep: Any, weights: dict[str, Tensor]) -> Any:

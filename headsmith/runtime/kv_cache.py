@@ -12,6 +12,11 @@ Two layouts:
 
 Growing past the capacity reallocates at twice the size (a copy, amortised); ``truncate`` drops the last
 tokens (speculative decoding's rollback; free in place).
+
+Entries with a ring (a sliding window, see ``ring.py``) keep a fixed ``S + W`` slots in either layout and never
+grow: ``length`` counts the tokens seen, ``tokens(i)`` the slots entry ``i`` holds. After a step that fills the
+scratch slot, :meth:`KVCache.commit` files the new token into its ring slot (in place: one token's copy;
+ping-pong: the ``C - 1`` kept slots are also compacted into the other buffer, the next step's past).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .ring import Ring, rings_of
+
 
 @dataclass
 class CacheSpec:
@@ -28,40 +35,65 @@ class CacheSpec:
     shape: tuple[int, ...]
     """``-1`` for batch (dim 0) and sequence (``seq_dim``)."""
     seq_dim: int
+    sinks: int = 0
+    window: int = 0
+    capacity: int = 0
+    """Slots of a ring cache (0: grows with the text)."""
 
     @staticmethod
     def from_manifest(entries: list[dict[str, Any]]) -> list[CacheSpec]:
-        return [CacheSpec(e["name"], tuple(e["shape"]), int(e["seq_dim"])) for e in entries]
+        return [CacheSpec(e["name"], tuple(e["shape"]), int(e["seq_dim"]), int(e.get("sinks", 0)),
+                          int(e.get("window", 0)), int(e.get("capacity", 0))) for e in entries]
+
+
+def take_tokens(array: np.ndarray, seq_dim: int, tokens: np.ndarray) -> np.ndarray:
+    """``array`` restricted to ``tokens`` along ``seq_dim`` (a copy)."""
+    return np.take(array, tokens, axis=seq_dim)
 
 
 @dataclass
 class KVCache:
-    """Ping-pong preallocated buffers for every cache entry (see the module docstring)."""
+    """Ping-pong or in-place preallocated buffers for every cache entry (see the module docstring)."""
 
     specs: list[CacheSpec]
     batch: int
     capacity: int = 256
     dtype: Any = np.float32
     length: int = 0
+    """Tokens seen."""
     in_place: bool = False
     binding: Any = field(default=None, repr=False)
     """An engine's bindings of the buffers (in place they stay valid from step to step until a growth)."""
+    rings: list[Ring | None] = field(default_factory=list, repr=False)
     _buffers: list[list[np.ndarray]] = field(default_factory=list, repr=False)
-    _current: int = 0
+    _current: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        self.rings = rings_of(self.specs)
+        self._current = [0] * len(self.specs)
         self._allocate(self.capacity)
 
     def shape_for(self, spec: CacheSpec, tokens: int) -> tuple[int, ...]:
         return tuple(self.batch if i == 0 else tokens if i == spec.seq_dim else d for i, d in enumerate(spec.shape))
 
+    def tokens(self, i: int, seen: int | None = None) -> int:
+        """Slots entry ``i`` holds after ``seen`` tokens (default: now)."""
+        seen = self.length if seen is None else seen
+        ring = self.rings[i]
+        return ring.slots(seen) if ring is not None else seen
+
+    def _slots(self, i: int, capacity: int) -> int:
+        ring = self.rings[i]
+        return ring.capacity if ring is not None else capacity
+
     def _allocate(self, capacity: int) -> None:
         self.capacity = capacity
         if self.in_place:
-            self._buffers = [[np.zeros(self.shape_for(s, capacity), dtype=self.dtype)] for s in self.specs]
+            self._buffers = [[np.zeros(self.shape_for(s, self._slots(i, capacity)), dtype=self.dtype)]
+                             for i, s in enumerate(self.specs)]
             return
-        self._buffers = [[np.empty(int(np.prod(self.shape_for(s, capacity))), dtype=self.dtype) for _ in range(2)]
-                         for s in self.specs]
+        self._buffers = [[np.empty(int(np.prod(self.shape_for(s, self._slots(i, capacity)))), dtype=self.dtype)
+                          for _ in range(2)] for i, s in enumerate(self.specs)]
 
     def _tokens(self, array: np.ndarray, i: int, tokens: int) -> np.ndarray:
         index = [slice(None)] * array.ndim
@@ -75,62 +107,98 @@ class KVCache:
         return self._buffers[i][which][: int(np.prod(shape))].reshape(shape)
 
     def past(self) -> list[np.ndarray]:
-        """The current cache: contiguous views ``[B, H, length, D]`` (in place: the whole
-        ``[B, H, capacity, D]`` buffers, of which the first ``length`` slots are valid)."""
+        """The current cache: contiguous views ``[B, H, tokens(i), D]`` (in place: the whole
+        ``[B, H, capacity, D]`` buffers, of which the first ``tokens(i)`` slots are valid)."""
         if self.in_place:
             return [pair[0] for pair in self._buffers]
-        return [self._view(i, self._current, self.length) for i in range(len(self.specs))]
+        return [self._view(i, self._current[i], self.tokens(i)) for i in range(len(self.specs))]
 
     def present_views(self, new_tokens: int) -> list[np.ndarray]:
-        """Where a step writes ``length + new_tokens`` tokens of present cache (grows if needed); in place,
-        the same whole buffers as ``past()``."""
+        """Where a step writes ``tokens(i) + new_tokens`` slots of present cache (grows if needed); in place,
+        the same whole buffers as ``past()``. A ring entry must have room (see ``ring.step_size``)."""
         need = self.length + new_tokens
-        if need > self.capacity:
+        if need > self.capacity and any(r is None for r in self.rings):
             self._grow(max(need, 2 * self.capacity))
+        for i, ring in enumerate(self.rings):
+            if ring is not None and self.tokens(i) + new_tokens > ring.capacity:
+                raise ValueError(f"a step of {new_tokens} tokens does not fit the ring of {self.specs[i].name} "
+                                 f"({self.tokens(i)} of {ring.capacity} slots used)")
         if self.in_place:
             return [pair[0] for pair in self._buffers]
-        return [self._view(i, 1 - self._current, need) for i in range(len(self.specs))]
+        return [self._view(i, 1 - self._current[i], self.tokens(i) + new_tokens) for i in range(len(self.specs))]
 
     def valid(self) -> list[np.ndarray]:
-        """The first ``length`` tokens of every entry (views)."""
-        return [self._view(i, self._current, self.length) for i in range(len(self.specs))]
+        """The slots every entry holds (views; ring entries in slot order, see ``ring.py``)."""
+        return [self._view(i, self._current[i], self.tokens(i)) for i in range(len(self.specs))]
 
     def commit(self, new_tokens: int) -> None:
-        """The step wrote its present into ``present_views``: make it the past."""
+        """The step wrote its present into ``present_views``: make it the past (ring entries file the new token
+        into its slot)."""
+        for i, ring in enumerate(self.rings):
+            move = ring.after_step(self.length, new_tokens) if ring is not None else None
+            if self.in_place:
+                if move is not None and move[1] >= 0:
+                    buf = self._buffers[i][0]
+                    buf[self._slot_index(i, move[1])] = buf[self._slot_index(i, move[0])]
+                continue
+            if move is None:
+                self._current[i] = 1 - self._current[i]
+                continue
+            assert ring is not None
+            present = self._view(i, 1 - self._current[i], ring.capacity)
+            if move[1] >= 0:
+                present[self._slot_index(i, move[1])] = present[self._slot_index(i, move[0])]
+            # the next past is the first C-1 slots, contiguous: compact them into the other buffer
+            np.copyto(self._view(i, self._current[i], ring.capacity - 1), self._tokens(present, i, ring.capacity - 1))
         self.length += new_tokens
-        if not self.in_place:
-            self._current = 1 - self._current
+
+    def _slot_index(self, i: int, slot: int) -> tuple[Any, ...]:
+        index: list[Any] = [slice(None)] * len(self.specs[i].shape)
+        index[self.specs[i].seq_dim] = slice(slot, slot + 1)
+        return tuple(index)
 
     def store(self, presents: list[np.ndarray]) -> None:
         """Copy presents ``[B, H, P+T, D]`` produced elsewhere (an engine without IO binding, or a prefill
-        graph that returns compact presents) into the buffers."""
-        new = presents[0].shape[self.specs[0].seq_dim] - self.length
-        self.present_views(new)  # grows if needed
+        graph that returns compact presents) into the buffers. Ring entries take a prompt (``P == 0``) of any
+        length and keep the slots their ring holds after it."""
+        new = presents[0].shape[self.specs[0].seq_dim] - self.tokens(0)
+        if any(r is not None for r in self.rings):
+            if self.length != 0:
+                raise ValueError("ring caches store a prompt into an empty cache only")
+            new = max(p.shape[s.seq_dim] for p, s in zip(presents, self.specs))
+        if any(r is None for r in self.rings) and self.length + new > self.capacity:
+            self._grow(max(self.length + new, 2 * self.capacity))
         for i, value in enumerate(presents):
-            np.copyto(self._view(i, 1 - self._current, self.length + new), value)
-        self.commit(new)
+            ring = self.rings[i]
+            if ring is not None:
+                value = take_tokens(value, self.specs[i].seq_dim, ring.tokens(new))
+            np.copyto(self._view(i, 1 - self._current[i], value.shape[self.specs[i].seq_dim]), value)
+            if not self.in_place:
+                self._current[i] = 1 - self._current[i]
+        self.length += new
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens (ping-pong: a copy into the other buffer, then swap; in place:
-        the later slots are simply overwritten by the next step)."""
+        the later slots are simply overwritten by the next step). Refused once a ring has evicted tokens."""
         if length >= self.length:
             return
-        if self.in_place:
-            self.length = length
-            return
-        for i in range(len(self.specs)):
-            np.copyto(self._view(i, 1 - self._current, length), self._tokens(self._view(i, self._current, self.length),
-                                                                              i, length))
+        for ring in self.rings:
+            if ring is not None:
+                ring.check_truncate(self.length, length)
+        if not self.in_place:
+            for i in range(len(self.specs)):
+                np.copyto(self._view(i, 1 - self._current[i], self.tokens(i, length)),
+                          self._tokens(self._view(i, self._current[i], self.tokens(i)), i, self.tokens(i, length)))
+                self._current[i] = 1 - self._current[i]
         self.length = length
-        self._current = 1 - self._current
 
     def _grow(self, capacity: int) -> None:
         old = self.valid()
-        old_current = self._current
+        old_current = list(self._current)
         self._allocate(capacity)
         self._current = old_current
         for i, value in enumerate(old):
-            np.copyto(self._view(i, self._current, self.length), value)
+            np.copyto(self._view(i, self._current[i], self.tokens(i)), value)
 
     def nbytes(self) -> int:
         return sum(b.nbytes for pair in self._buffers for b in pair)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..errors import BackendError
 from ..program import ModelInfo, ModelSpec
+from .ring import Ring, ring_masks, rings_of, step_size
 
 ALIGNMENT = 64  # bytes; TVM's generated code assumes it for every buffer
 
@@ -39,18 +40,38 @@ class TvmCache:
     seq_dims: list[int]
     device: Any
     length: int = 0
+    """Tokens seen."""
+    rings: list[Ring | None] = field(default_factory=list)
+    """Per entry its ring (a fixed ``S + W`` rows, see ``ring.py``; CPU only) or None."""
+
+    def __post_init__(self) -> None:
+        if not self.rings:
+            self.rings = [None] * len(self.tensors)
 
     @property
     def capacity(self) -> int:
-        return int(self.tensors[0].shape[self.seq_dims[0]]) if self.tensors else 0
+        grows = [i for i, r in enumerate(self.rings) if r is None]
+        if not grows:
+            return 1 << 62
+        return int(self.tensors[grows[0]].shape[self.seq_dims[grows[0]]])
+
+    def rows(self, i: int, seen: int | None = None) -> int:
+        """Valid rows of entry ``i`` after ``seen`` tokens (default: now)."""
+        seen = self.length if seen is None else seen
+        ring = self.rings[i]
+        return ring.slots(seen) if ring is not None else seen
 
     def reserve(self, tokens: int) -> None:
-        """Make room for ``tokens`` rows (grows to at least twice the capacity, keeping the valid rows)."""
+        """Make room for ``tokens`` rows (grows to at least twice the capacity, keeping the valid rows; ring
+        entries keep their size)."""
         if tokens <= self.capacity:
             return
         size = max(tokens, 2 * self.capacity)
         grown = []
-        for t, d in zip(self.tensors, self.seq_dims):
+        for i, (t, d) in enumerate(zip(self.tensors, self.seq_dims)):
+            if self.rings[i] is not None:
+                grown.append(t)
+                continue
             shape = list(t.shape)
             shape[d] = size
             new = empty(shape, self.device)
@@ -58,13 +79,24 @@ class TvmCache:
             grown.append(new)
         self.tensors = grown
 
+    def step(self, new: int) -> None:
+        """After a decode step of ``new`` tokens: ring entries file the step's token into its row."""
+        for t, d, r in zip(self.tensors, self.seq_dims, self.rings):
+            move = r.after_step(self.length, new) if r is not None else None
+            if move is not None and move[1] >= 0:
+                t.narrow(d, move[1], 1).copy_(t.narrow(d, move[0], 1))
+        self.length += new
+
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens (speculative decoding's rollback)."""
+        for r in self.rings:
+            if r is not None:
+                r.check_truncate(self.length, length)
         self.length = min(self.length, max(0, length))
 
     def valid(self) -> list[Tensor]:
-        """The cache as torch ``[B,H,length,D]`` tensors (views on CPU)."""
-        return [_to_torch(t).narrow(d, 0, self.length) for t, d in zip(self.tensors, self.seq_dims)]
+        """The cache as torch ``[B,H,rows,D]`` tensors (views on CPU; ring entries in slot order)."""
+        return [_to_torch(t).narrow(d, 0, self.rows(i)) for i, (t, d) in enumerate(zip(self.tensors, self.seq_dims))]
 
 
 def on_cpu(device: Any) -> bool:
@@ -228,13 +260,18 @@ class TvmEngine:
     def seq_dims(self) -> list[int]:
         return [int(e["seq_dim"]) for e in self.backend.get("cache", [])]
 
-    def new_cache(self, batch: int, capacity: int = 256) -> TvmCache:
-        tensors = []
-        for e in self.backend.get("cache", []):
-            shape = [batch if i == 0 else capacity if i == int(e["seq_dim"]) else int(d)
-                     for i, d in enumerate(e["shape"])]
+    @property
+    def rings(self) -> list[Ring | None]:
+        return rings_of(self.backend.get("cache", []))
+
+    def new_cache(self, batch: int, capacity: int = 256, rings: bool = True) -> TvmCache:
+        """Empty buffers (ring entries: their ``S + W`` rows; ``rings=False``: every entry ``capacity`` rows)."""
+        tensors, plan = [], self.rings if rings else [None] * len(self.seq_dims)
+        for e, r in zip(self.backend.get("cache", []), plan):
+            size = r.capacity if r is not None else capacity
+            shape = [batch if i == 0 else size if i == int(e["seq_dim"]) else int(d) for i, d in enumerate(e["shape"])]
             tensors.append(empty(shape, self.device))
-        return TvmCache(tensors, self.seq_dims, self.device)
+        return TvmCache(tensors, self.seq_dims, self.device, rings=list(plan))
 
     def _call(self, fn: str, *args: Any) -> Any:
         return self.vm[fn](*[_to_device(aligned(a), self.device) if isinstance(a, Tensor) else a for a in args],
@@ -245,23 +282,34 @@ class TvmEngine:
         out = self._call("prefill", input_ids.to(torch.int64), position_ids.to(torch.int64),
                          attention_mask.to(torch.int64))
         cache = self.new_cache(b, capacity=max(256, 2 * t))
-        for buf, d, value in zip(cache.tensors, cache.seq_dims, list(out)[1:]):
-            copy_rows(buf, value, d, t, self.device)
+        for buf, d, value, r in zip(cache.tensors, cache.seq_dims, list(out)[1:], cache.rings):
+            if r is not None:  # the prompt's presents hold every token: keep the ring's slots
+                kept = _to_torch(value).index_select(d, torch.from_numpy(r.tokens(t)))
+                copy_rows(buf, kept, d, r.slots(t), self.device)
+            else:
+                copy_rows(buf, value, d, t, self.device)
         cache.length = t
         return _to_torch(out[0]), cache
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: TvmCache) -> tuple[Tensor, Any]:
+        from .engine import decode_in_steps
+
         t = input_ids.shape[1]
         total = attention_mask.shape[1]
         if total != cache.length + t:
             raise BackendError(f"decode got an attention mask of {total} tokens for {cache.length} cached + {t} new")
+        if cache.length > 0 and step_size(cache.rings, cache.length, t) < t:
+            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache,
+                                   lambda seen, left: step_size(cache.rings, seen, left))
         cache.reserve(total)
         if on_cpu(self.device):  # the library writes into these buffers: they must be TVM-compatible as they are
             cache.tensors = [aligned(t) for t in cache.tensors]
+        rings = [torch.from_numpy(m) for m in ring_masks(cache.rings, attention_mask.to(torch.int64).numpy(),
+                                                         cache.length).values()]
         out = self._call("decode", input_ids.to(torch.int64), position_ids.to(torch.int64),
-                         attention_mask.to(torch.int64), *cache.tensors)
-        cache.length = total
+                         attention_mask.to(torch.int64), *cache.tensors, *rings)
+        cache.step(t)
         return _to_torch(out[0]), cache
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
@@ -270,7 +318,7 @@ class TvmEngine:
                              attention_mask.to(torch.int64))
             return _to_torch(out[0] if _is_sequence(out) else out)
         logits, _ = self.decode(input_ids, attention_mask, position_ids,
-                                self.new_cache(input_ids.shape[0], input_ids.shape[1]))
+                                self.new_cache(input_ids.shape[0], input_ids.shape[1], rings=False))
         return logits
 
 
