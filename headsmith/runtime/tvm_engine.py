@@ -305,8 +305,11 @@ class TvmEngine:
         cache.reserve(total)
         if on_cpu(self.device):  # the library writes into these buffers: they must be TVM-compatible as they are
             cache.tensors = [aligned(t) for t in cache.tensors]
-        rings = [torch.from_numpy(m) for m in ring_masks(cache.rings, attention_mask.to(torch.int64).numpy(),
-                                                         cache.length).values()]
+        # a cache without rings (a forward's) keeps every token: its ring layers take the whole attention mask
+        ringed = any(r is not None for r in cache.rings)
+        rings = [torch.from_numpy(m) for m in ring_masks(cache.rings if ringed else self.rings,
+                                                         attention_mask.to(torch.int64).numpy(),
+                                                         cache.length if ringed else 0).values()]
         out = self._call("decode", input_ids.to(torch.int64), position_ids.to(torch.int64),
                          attention_mask.to(torch.int64), *cache.tensors, *rings)
         cache.step(t)
