@@ -310,7 +310,7 @@ class OrtEngine:
                                                                              attention_mask).items()})
             return torch.from_numpy(out[0])
         # the decode graph from an empty cache (a prompt): every token's logits; the presents are dropped
-        b, t = input_ids.shape
+        b = input_ids.shape[0]
         feeds = _feeds(input_ids, position_ids, attention_mask)
         feeds.update(ring_feeds(self.rings, attention_mask, 0))
         specs = self.cache_specs
