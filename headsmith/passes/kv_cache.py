@@ -275,8 +275,9 @@ def decode_dynamic(entries: list[CacheEntry]) -> tuple[Any, ...]:
     new = torch.export.Dim("new", min=1, max=65536)
     past = torch.export.Dim("past", min=0, max=1 << 20)
     total = torch.export.Dim("total", min=1, max=(1 << 20) + 65536)
-    ring_dims = {r: (torch.export.Dim(f"past_{r[10:]}", min=0, max=1 << 20),
-                     torch.export.Dim(f"total_{r[10:]}", min=1, max=(1 << 20) + 65536)) for r in _ring_names(entries)}
+    ring_dims = {r: (torch.export.Dim(r.replace("ring_mask", "past"), min=0, max=1 << 20),
+                     torch.export.Dim(r.replace("ring_mask", "total"), min=1, max=(1 << 20) + 65536))
+                 for r in _ring_names(entries)}
     pasts = tuple({0: batch, e.seq_dim: ring_dims[e.ring_mask][0] if e.capacity > 0 else past} for e in entries)
     return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: total}, *pasts,
             *({0: batch, 1: ring_dims[r][1]} for r in ring_dims))

@@ -73,7 +73,12 @@ class TorchCache:
         return TorchCache(kept, seq_dims, list(rings), t)
 
     def step(self, presents: list[Tensor], new: int) -> None:
-        """Take a decode step's presents (ring entries file the step's token into its slot)."""
+        """Take a decode step's presents (ring entries file the step's token into its slot; after a prompt
+        through the decode graph, an empty cache keeps the slots of it as a prefill does)."""
+        if self.seen == 0:
+            fresh = TorchCache.from_prompt(presents, self.seq_dims, self.rings)
+            self.tensors, self.seen = fresh.tensors, fresh.seen
+            return
         for i, (p, d, r) in enumerate(zip(presents, self.seq_dims, self.rings)):
             move = r.after_step(self.seen, new) if r is not None else None
             if move is not None:
@@ -98,13 +103,14 @@ class TorchCache:
 
 
 def decode_in_steps(engine: Any, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any,
-                    size: Any) -> tuple[Tensor, Any]:
-    """``engine.decode`` of T tokens as consecutive steps of ``size(seen, left)`` tokens (same result)."""
+                    rings: list[Ring | None], one: bool = False) -> tuple[Tensor, Any]:
+    """``engine.decode`` of T tokens as consecutive steps that fit every ring (``one``: single tokens); the same
+    result as one step."""
     t = input_ids.shape[1]
     past = attention_mask.shape[1] - t
     pieces, done = [], 0
     while done < t:
-        n = max(1, min(t - done, size(past + done, t - done)))
+        n = 1 if one else step_size(rings, past + done, t - done)
         logits, cache = engine.decode(input_ids[:, done:done + n], attention_mask[:, :past + done + n],
                                       position_ids[:, done:done + n], cache)
         pieces.append(logits)
@@ -112,8 +118,16 @@ def decode_in_steps(engine: Any, input_ids: Tensor, attention_mask: Tensor, posi
     return torch.cat(pieces, 1), cache
 
 
-def ring_feeds(rings: list[Ring | None], attention_mask: Tensor, seen: int) -> dict[str, np.ndarray]:
-    return ring_masks(rings, attention_mask.to(torch.int64).numpy(), seen)
+def ring_tensors(rings: list[Ring | None], attention_mask: Tensor, seen: int) -> list[Tensor]:
+    """The decode graph's ring-mask inputs as torch tensors (see ``ring.ring_masks``)."""
+    return [torch.from_numpy(m) for m in ring_masks(rings, attention_mask, seen).values()]
+
+
+def empty_pasts(specs: list[CacheSpec], batch: int) -> dict[str, np.ndarray]:
+    """``past_*`` feeds of length 0: the decode graph run on a prompt."""
+    return {f"past_{s.name.replace('.', '_')}": np.empty(
+        [batch if i == 0 else 0 if i == s.seq_dim else d for i, d in enumerate(s.shape)], dtype=np.float32)
+        for s in specs}
 
 
 @dataclass
@@ -165,16 +179,11 @@ class TorchEngine:
                cache: TorchCache) -> tuple[Tensor, Any]:
         t = input_ids.shape[1]
         if step_size(self.rings, cache.length, t) < t:
-            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache,
-                                   lambda seen, left: step_size(self.rings, seen, left))
-        rings = [torch.from_numpy(m) for m in ring_feeds(self.rings, attention_mask, cache.length).values()]
+            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache, self.rings)
+        rings = ring_tensors(self.rings, attention_mask, cache.length)
         with torch.no_grad():
             out = self.decode_fn(input_ids, position_ids, attention_mask, *cache.tensors, *rings)
-        if cache.length == 0:  # a prompt through the decode graph: ring entries keep their slots of it
-            fresh = TorchCache.from_prompt(list(out[1:]), self.seq_dims, self.rings)
-            cache.tensors, cache.seen, cache.rings = fresh.tensors, fresh.seen, fresh.rings
-        else:
-            cache.step(list(out[1:]), t)
+        cache.step(list(out[1:]), t)
         return out[0], cache
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
@@ -258,15 +267,13 @@ class OrtEngine:
         one = (self.backend.get("attention") == "gqa" or self.backend.get("gqa_layers")) and b > 1 and t > 1 \
             and cache.length > 0
         if one or step_size(cache.rings, cache.length, t) < t:
-            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache,
-                                   lambda seen, left: 1 if one else step_size(cache.rings, seen, left))
+            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache, cache.rings, one)
         feeds = _feeds(input_ids, position_ids, attention_mask)
-        feeds.update(ring_feeds(cache.rings, attention_mask, cache.length))
+        feeds.update(ring_masks(cache.rings, attention_mask, cache.length))
         logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
         names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
         if cache.length == 0:  # a prompt through the decode graph: compact presents, stored once (rings keep
-            for spec in cache.specs:  # their slots of it)
-                feeds[f"past_{spec.name.replace('.', '_')}"] = np.empty(cache.shape_for(spec, 0), dtype=np.float32)
+            feeds.update(empty_pasts(cache.specs, b))  # their slots of it)
             presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs]
             self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
             cache.store(presents)
@@ -310,13 +317,9 @@ class OrtEngine:
                                                                              attention_mask).items()})
             return torch.from_numpy(out[0])
         # the decode graph from an empty cache (a prompt): every token's logits; the presents are dropped
-        b = input_ids.shape[0]
         feeds = _feeds(input_ids, position_ids, attention_mask)
-        feeds.update(ring_feeds(self.rings, attention_mask, 0))
-        specs = self.cache_specs
-        for spec in specs:
-            feeds[f"past_{spec.name.replace('.', '_')}"] = np.empty(
-                [b if i == 0 else 0 if i == spec.seq_dim else d for i, d in enumerate(spec.shape)], dtype=np.float32)
+        feeds.update(ring_masks(self.rings, attention_mask, 0))
+        feeds.update(empty_pasts(self.cache_specs, input_ids.shape[0]))
         return torch.from_numpy(self.session("decode").run(["logits"], feeds)[0])
 
 

@@ -46,11 +46,6 @@ class CacheSpec:
                           int(e.get("window", 0)), int(e.get("capacity", 0))) for e in entries]
 
 
-def take_tokens(array: np.ndarray, seq_dim: int, tokens: np.ndarray) -> np.ndarray:
-    """``array`` restricted to ``tokens`` along ``seq_dim`` (a copy)."""
-    return np.take(array, tokens, axis=seq_dim)
-
-
 @dataclass
 class KVCache:
     """Ping-pong or in-place preallocated buffers for every cache entry (see the module docstring)."""
@@ -162,16 +157,14 @@ class KVCache:
         graph that returns compact presents) into the buffers. Ring entries take a prompt (``P == 0``) of any
         length and keep the slots their ring holds after it."""
         new = presents[0].shape[self.specs[0].seq_dim] - self.tokens(0)
-        if any(r is not None for r in self.rings):
-            if self.length != 0:
-                raise ValueError("ring caches store a prompt into an empty cache only")
-            new = max(p.shape[s.seq_dim] for p, s in zip(presents, self.specs))
+        if self.length != 0 and any(r is not None for r in self.rings):
+            raise ValueError("ring caches store a prompt into an empty cache only")
         if any(r is None for r in self.rings) and self.length + new > self.capacity:
             self._grow(max(self.length + new, 2 * self.capacity))
         for i, value in enumerate(presents):
             ring = self.rings[i]
             if ring is not None:
-                value = take_tokens(value, self.specs[i].seq_dim, ring.tokens(new))
+                value = np.take(value, ring.tokens(new), axis=self.specs[i].seq_dim)
             np.copyto(self._view(i, 1 - self._current[i], value.shape[self.specs[i].seq_dim]), value)
             if not self.in_place:
                 self._current[i] = 1 - self._current[i]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError
+from ..passes.kv_cache import ring_mask_name
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def rings_of(entries: Sequence[Any]) -> list[Ring | None]:
             out.append(None)
             continue
         sinks, window = int(get("sinks", 0)), int(get("window", 0))
-        out.append(Ring(sinks, window, f"ring_mask_s{sinks}_w{window}"))
+        out.append(Ring(sinks, window, ring_mask_name(sinks, window)))
     return out
 
 
@@ -118,6 +119,8 @@ def step_size(rings: Sequence[Ring | None], seen: int, new: int) -> int:
     return min([new] + [r.fits(seen, new) for r in distinct(rings)])
 
 
-def ring_masks(rings: Sequence[Ring | None], attention_mask: np.ndarray, seen: int) -> dict[str, np.ndarray]:
-    """The decode graph's ``ring_mask_*`` inputs for a step after ``seen`` tokens."""
-    return {r.name: np.ascontiguousarray(r.mask(attention_mask, seen)) for r in distinct(rings)}
+def ring_masks(rings: Sequence[Ring | None], attention_mask: Any, seen: int) -> dict[str, np.ndarray]:
+    """The decode graph's ``ring_mask_*`` inputs (int64) for a step after ``seen`` tokens, from the full
+    ``attention_mask`` (a numpy array or an int64 torch tensor)."""
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    return {r.name: np.ascontiguousarray(r.mask(mask, seen)) for r in distinct(rings)}

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import BackendError
 from ..program import ModelInfo, ModelSpec
-from .ring import Ring, ring_masks, rings_of, step_size
+from .ring import Ring, rings_of, step_size
 
 ALIGNMENT = 64  # bytes; TVM's generated code assumes it for every buffer
 
@@ -50,10 +50,9 @@ class TvmCache:
 
     @property
     def capacity(self) -> int:
+        """Rows of the entries that grow (ring entries never do); 0 when every entry is a ring."""
         grows = [i for i, r in enumerate(self.rings) if r is None]
-        if not grows:
-            return 1 << 62
-        return int(self.tensors[grows[0]].shape[self.seq_dims[grows[0]]])
+        return int(self.tensors[grows[0]].shape[self.seq_dims[grows[0]]]) if grows else 0
 
     def rows(self, i: int, seen: int | None = None) -> int:
         """Valid rows of entry ``i`` after ``seen`` tokens (default: now)."""
@@ -64,7 +63,7 @@ class TvmCache:
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` rows (grows to at least twice the capacity, keeping the valid rows; ring
         entries keep their size)."""
-        if tokens <= self.capacity:
+        if tokens <= self.capacity or all(r is not None for r in self.rings):
             return
         size = max(tokens, 2 * self.capacity)
         grown = []
@@ -293,23 +292,20 @@ class TvmEngine:
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: TvmCache) -> tuple[Tensor, Any]:
-        from .engine import decode_in_steps
+        from .engine import decode_in_steps, ring_tensors
 
         t = input_ids.shape[1]
         total = attention_mask.shape[1]
         if total != cache.length + t:
             raise BackendError(f"decode got an attention mask of {total} tokens for {cache.length} cached + {t} new")
         if cache.length > 0 and step_size(cache.rings, cache.length, t) < t:
-            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache,
-                                   lambda seen, left: step_size(cache.rings, seen, left))
+            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache, cache.rings)
         cache.reserve(total)
         if on_cpu(self.device):  # the library writes into these buffers: they must be TVM-compatible as they are
             cache.tensors = [aligned(t) for t in cache.tensors]
         # a cache without rings (a forward's) keeps every token: its ring layers take the whole attention mask
         ringed = any(r is not None for r in cache.rings)
-        rings = [torch.from_numpy(m) for m in ring_masks(cache.rings if ringed else self.rings,
-                                                         attention_mask.to(torch.int64).numpy(),
-                                                         cache.length if ringed else 0).values()]
+        rings = ring_tensors(cache.rings if ringed else self.rings, attention_mask, cache.length if ringed else 0)
         out = self._call("decode", input_ids.to(torch.int64), position_ids.to(torch.int64),
                          attention_mask.to(torch.int64), *cache.tensors, *rings)
         cache.step(t)
