@@ -61,10 +61,9 @@ def measure(path: Any, contexts: list[int], new_tokens: int, texts: dict[str, to
             if ids.numel() >= n:
                 row[f"ppl_{name}"] = perplexity(engine.forward, ids[:n], window=n, stride=n)["perplexity"]
         ids = next(iter(texts.values()))[:n][None]
-        mask, pos = torch.ones_like(ids), torch.arange(n)[None]
         best = 0.0
         for _ in range(3):
-            logits, cache = engine.prefill(ids, mask, pos)
+            logits, cache = engine.prefill(ids, torch.ones_like(ids), torch.arange(n)[None])
             row["kv_bytes"] = cache.nbytes()
             token = logits[:, -1].argmax(-1, keepdim=True)
             start = time.perf_counter()
