@@ -1,10 +1,11 @@
 """The ``headsmith`` command line.
 
-    headsmith inspect MODEL [--json] [--scores heads|layers|mlp [--plot FILE.png]]
+    headsmith inspect MODEL [--json] [--scores heads|heads-retrieval|layers|mlp [--plot FILE.png]]
     headsmith passes
     headsmith convert MODEL --passes SPEC --backend torch|onnx -o OUT [--force]
     headsmith run ARTIFACT --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
-    headsmith eval ARTIFACT [--text FILE] [--max-tokens N] [--json]
+    headsmith eval ARTIFACT [--text FILE] [--max-tokens N] [--window N] [--json]
+    headsmith eval ARTIFACT --passkey [--contexts 2048,4096,8192] [--depths 0,0.5,1] [--trials K] [--json]
     headsmith bench ARTIFACT [--contexts 128,512,2048] [--new-tokens N] [--json] [--plot FILE.png]
 
 User errors print ``error: <what is wrong>`` and a ``hint:`` line on stderr and exit with code 2;
@@ -13,6 +14,7 @@ User errors print ``error: <what is wrong>`` and a ``hint:`` line on stderr and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -67,18 +69,20 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickled .bin weights.")] = False,
     scores: Annotated[str | None, typer.Option(
-        "--scores", help="Also measure pruning scores on calibration text: heads (gradient, norm), layers (block "
-        "influence, angular distance) or mlp (Wanda channel scores).")] = None,
+        "--scores", help="Also measure scores: heads (pruning: gradient, norm), heads-retrieval (induction and echo "
+        "attention on repeated random tokens), layers (block influence, angular distance) or mlp (Wanda channel "
+        "scores).")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="With --scores: draw them as a heatmap PNG.")] = None,
     tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens for --scores.")] = 2048,
 ) -> None:
     """Layers, attention kind per layer, heads / KV heads / head dim, parameters and KV-cache bytes per token."""
     from .program import ModelSpec
 
-    if scores is not None and scores not in ("heads", "layers", "mlp"):
-        raise HeadsmithError(f"unknown --scores {scores!r}", "choose heads, layers or mlp")
+    kinds = ("heads", "heads-retrieval", "layers", "mlp")
+    if scores is not None and scores not in kinds:
+        raise HeadsmithError(f"unknown --scores {scores!r}", f"choose one of {', '.join(kinds)}")
     if plot_path is not None and scores is None:
-        raise HeadsmithError("--plot draws pruning scores", "add --scores heads|layers|mlp")
+        raise HeadsmithError("--plot draws scores", f"add --scores {'|'.join(kinds)}")
     path = Path(model)
     program = None
     if (path / "manifest.json").exists():
@@ -96,7 +100,8 @@ def inspect(
     table = None
     if scores is not None and program is not None:
         from .passes import PassContext
-        from .passes.scores import calibration_rows, plot_scores, score_table
+        from .passes.score_tables import plot_scores, score_table
+        from .passes.scores import calibration_rows
         ids = calibration_rows(program, PassContext(), tokens)
         with status(f"measuring {scores} scores on {ids.numel()} calibration tokens", quiet=as_json):
             table = score_table(program, scores, ids)
@@ -121,10 +126,12 @@ def _print_spec(spec: Any, extra: dict[str, Any]) -> None:
     table = Table(title=title)
     for col in ("layer", "kind", "heads", "kv heads", "head dim", "window", "rope dims", "qk norm", "cache/token"):
         table.add_column(col, justify="right" if col not in ("kind",) else "left")
+    split = {la.index for la in spec.layers if la.group > 0}
     for layer in spec.layers:
-        table.add_row(str(layer.index), layer.kind, str(layer.n_heads), str(layer.n_kv_heads),
+        window = f"{layer.window or '-'}" + (f" +{layer.sinks} sinks" if layer.sinks else "")
+        table.add_row(f"{layer.index}.g{layer.group}" if layer.index in split else str(layer.index), layer.kind, str(layer.n_heads), str(layer.n_kv_heads),
                       str(layer.head_dim) if layer.head_dim == layer.v_head_dim else f"{layer.head_dim}/{layer.v_head_dim}",
-                      str(layer.window or "-"), str(layer.rope_dims or "-"), "yes" if layer.qk_norm else "no",
+                      window, str(layer.rope_dims or "-"), "yes" if layer.qk_norm else "no",
                       str(layer.cache_width))
     out.print(table)
     kv16, kv32 = spec.kv_bytes_per_token(2), spec.kv_bytes_per_token(4)
@@ -140,14 +147,17 @@ def _print_scores(table: dict[str, Any]) -> None:
     """Pruning scores: per head (divided by the layer's largest), per block, or per-layer channel statistics."""
     kind = table["kind"]
     if kind == "heads":
-        for method in ("gradient", "norm"):
+        absolute = bool(table.get("absolute"))
+        for method in table["methods"]:
             rows = table[method]
-            t = Table(title=f"head scores: {method} (each layer divided by its largest; lowest go first)")
+            title = (f"retrieval-head scores: {method} attention mass (highest keep the full cache)" if absolute else
+                     f"head scores: {method} (each layer divided by its largest; lowest go first)")
+            t = Table(title=title)
             t.add_column("layer", justify="right")
             for h in range(max(len(r) for r in rows)):
                 t.add_column(str(h), justify="right")
             for layer, r in zip(table["layers"], rows):
-                top = max(max(r), 1e-30)
+                top = 1.0 if absolute else max(max(r), 1e-30)
                 t.add_row(str(layer), *[f"{v / top:.2f}" for v in r])
             out.print(t)
         return
@@ -227,6 +237,7 @@ def convert(
 ) -> None:
     """Load MODEL, apply the passes and write an artifact directory for BACKEND."""
     import headsmith
+
     from .backends.artifact import BACKENDS, check_output_path, write_artifact
     from .errors import BackendError
     from .passes import PassContext, parse_passes
@@ -361,8 +372,13 @@ def eval_cmd(
     window: Annotated[int, typer.Option("--window", help="Sliding-window length.")] = 1024,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Compare with the source model.")] = True,
+    passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval per context and depth instead.")] = False,
+    contexts: Annotated[str, typer.Option("--contexts", help="--passkey: context lengths, comma-separated.")] = "2048,4096",
+    depths: Annotated[str, typer.Option("--depths", help="--passkey: key depths in [0, 1], comma-separated.")] = "0,0.25,0.5,0.75,1",
+    trials: Annotated[int, typer.Option("--trials", help="--passkey: keys per context and depth.")] = 1,
 ) -> None:
-    """Perplexity on a text (KL / top-1 agreement with the source when it can be loaded); encoders: embedding cosine."""
+    """Perplexity on a text (KL / top-1 agreement with the source when it can be loaded); encoders: embedding
+    cosine; ``--passkey``: passkey retrieval accuracy at each context and depth."""
     from .corpus import EVAL_TEXT, read_text, tokenize
     from .eval.metrics import embedding_similarity, hf_forward, perplexity, sentences
     from .runtime.engine import engine_for
@@ -371,6 +387,9 @@ def eval_cmd(
     if art.tokenizer is None:
         raise HeadsmithError(f"artifact {artifact_dir} has no tokenizer", "convert a model that ships one")
     engine = engine_for(art)
+    if passkey:
+        _passkey(art, engine, contexts, depths, trials, as_json)
+        return
     body = read_text(text, EVAL_TEXT)
     source = _source_model(art, as_json) if compare else None
     ref = hf_forward(source, art.info.task) if source is not None else None
@@ -391,6 +410,42 @@ def eval_cmd(
         return
     for key, value in result.items():
         out.print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}", highlight=False)
+
+
+def _passkey(art: Any, engine: Any, contexts: str, depths: str, trials: int, as_json: bool) -> None:
+    from .eval.passkey import passkey
+    from .runtime.generate import GenerationConfig, generate
+
+    if art.info.task != "causal-lm":
+        raise HeadsmithError(f"{art.info.architecture} is an encoder: passkey retrieval needs a causal LM")
+    try:
+        ns = [int(c) for c in contexts.split(",")]
+        ds = [float(d) for d in depths.split(",")]
+    except ValueError:
+        raise HeadsmithError(f"cannot parse --contexts {contexts!r} / --depths {depths!r}",
+                             "give comma-separated numbers: --contexts 2048,4096 --depths 0,0.5,1") from None
+    limit = art.info.max_positions
+    if limit is not None and max(ns) > limit:
+        raise HeadsmithError(f"context {max(ns)} exceeds the model's {limit} positions", f"use contexts <= {limit}")
+    config = GenerationConfig(stop_tokens=())
+
+    def run(prompt: list[int], n: int) -> list[int]:
+        return generate(engine, [prompt], dataclasses.replace(config, max_new_tokens=n)).tokens[0]
+
+    with status("passkey retrieval", quiet=as_json):
+        result = passkey(run, art.tokenizer, ns, ds, trials)
+    result["backend"] = engine.name
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title=f"passkey retrieval ({engine.name}, {trials} key(s) per cell)")
+    table.add_column("context", justify="right")
+    for d in ds:
+        table.add_column(f"depth {d:g}", justify="right")
+    table.add_column("mean", justify="right")
+    for n, row in result["contexts"].items():
+        table.add_row(n, *[f"{v:.2f}" for v in row["depths"].values()], f"{row['mean']:.2f}")
+    out.print(table)
 
 
 @app.command()

@@ -85,6 +85,9 @@ class LayerSpec:
     """Numbers cached per token per layer (K and V together; a latent for MLA)."""
     latent: bool = False
     """Multi-head latent attention (``mla``): the cache holds a rotary key and a value latent, not per-head K/V."""
+    group: int = 0
+    """The head group within the layer: a layer split by a per-head pattern (``sparse-attention(pattern=duo)``)
+    has one entry per group, each with its own heads, window and sinks."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,9 @@ class Program:
 
     def spec(self) -> ModelSpec:
         layers: list[LayerSpec] = []
+        groups: dict[int, int] = {}
         for site in self.sites():
+            groups[site.layer] = groups.get(site.layer, -1) + 1
             width = site.node.meta.get("headsmith_cache_width")
             if width is None:
                 width = site.n_kv_heads * (site.head_dim + site.v_head_dim)
@@ -246,10 +251,10 @@ class Program:
                 scale=site.scale, softcap=site.softcap,
                 rope_dims=site.rope.dims if site.rope is not None else 0,
                 qk_norm=site.qk_norm, cache_width=int(width),
-                latent="headsmith_cache_width" in site.node.meta))
+                latent="headsmith_cache_width" in site.node.meta, group=groups[site.layer]))
         return ModelSpec(
             architecture=self.info.architecture, model_type=self.info.model_type, task=self.info.task,
-            n_layers=len(layers), hidden_size=self.info.hidden_size, vocab_size=self.info.vocab_size,
+            n_layers=len(groups), hidden_size=self.info.hidden_size, vocab_size=self.info.vocab_size,
             params=self.n_params(), layers=tuple(layers))
 
     # ---- rewriting -----------------------------------------------------------------------------

@@ -10,6 +10,16 @@ A raised program holds one ``headsmith.attention`` node per attention layer, in 
 :func:`find_sites` recovers, for each attention node, its projections (the nearest ``linear`` ancestor
 of q, k and v and the nearest ``linear`` descendant of the output), the RoPE nodes, and the head counts.
 Sites are always derived from the graph, never stored, so they cannot go stale after a rewrite.
+
+A layer whose heads follow different attention patterns (``sparse-attention(pattern=duo|razor)``, see
+``passes/head_groups.py``) holds one attention node per *head group*, each reading a contiguous slice of the
+layer's q/k/v heads, their outputs concatenated over heads before the output projection::
+
+    q ─ slice(1, 0, a) ─ attention(.., window=0) ───────┐
+    q ─ slice(1, a, H) ─ attention(.., window=W, sinks=S) ┴ cat(dim=1) ─ transpose ─ reshape ─ linear(W_o)
+
+Each group is a site of its own (same ``layer``, its own head counts; both report the layer's ``o``);
+:func:`head_groups` lists the layers that are split.
 """
 
 from __future__ import annotations
@@ -130,8 +140,25 @@ def nearest_linears(start: fx.Node) -> list[fx.Node]:
     return found
 
 
+def is_head_group_cat(node: fx.Node) -> bool:
+    """``cat([attention, attention, ..], 1)``: the outputs of a split layer's head groups."""
+    parts = node.args[0] if is_call(node, aten.cat.default) else None
+    dim = node.args[1] if len(node.args) > 1 else 0
+    return (isinstance(parts, (list, tuple)) and len(parts) > 1 and dim == 1
+            and all(is_call(p, ATTENTION) for p in parts))
+
+
+def head_groups(graph: fx.Graph) -> dict[int, list[fx.Node]]:
+    """The split layers: ``layer -> [attention node of each head group]`` for layers with more than one."""
+    by_layer: dict[int, list[fx.Node]] = {}
+    for i, att in enumerate(attention_nodes(graph)):
+        by_layer.setdefault(int(att.kwargs.get("layer", i)), []).append(att)  # type: ignore[arg-type]
+    return {layer: nodes for layer, nodes in by_layer.items() if len(nodes) > 1}
+
+
 def output_projection(node: fx.Node) -> fx.Node | None:
-    """Follow the attention output through view-like ops to the linear that consumes it."""
+    """Follow the attention output through view-like ops (and a split layer's head-group cat) to the linear
+    that consumes it."""
     cur = node
     for _ in range(16):
         users = list(cur.users)
@@ -140,7 +167,7 @@ def output_projection(node: fx.Node) -> fx.Node | None:
         user = users[0]
         if is_call(user, *LINEARS) and user.args[0] is cur:
             return user
-        if not is_call(user, *VIEW_OPS):
+        if not (is_call(user, *VIEW_OPS) or is_head_group_cat(user)):
             return None
         cur = user
     return None

@@ -131,6 +131,9 @@ class Pass:
     float_weights: ClassVar[bool] = True
     """Whether the pass reads or edits float linear weights (slices, fits, trains them), so it cannot run on a
     program whose linears are already quantised."""
+    head_layout: ClassVar[bool] = False
+    """Whether the pass rewrites each layer's heads as one attention op (merges, factors or removes heads), so it
+    cannot run on a layer a per-head pattern split into head groups (``passes/head_groups.py``)."""
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         raise NotImplementedError

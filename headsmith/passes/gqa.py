@@ -47,6 +47,7 @@ class Gqa(Pass):
     """Merge KV heads to ``kv_heads`` per layer (mean pooling or a calibrated, RoPE-aware fit). Lossy."""
 
     name: ClassVar[str] = "gqa"
+    head_layout: ClassVar[bool] = True
     exact: ClassVar[bool] = False
 
     kv_heads: int = 1

@@ -28,6 +28,10 @@ builds it from the attention mask, padding included) instead of the full ``atten
 window and sinks: while the slots still follow the text (no token evicted yet, or a cache-less forward) they are
 the exact mask, and once the ring is full a step of one token sees exactly its ``S + W`` cached keys, where the
 window masks nothing. Steps of several tokens on a full ring run one token at a time (the engines do it).
+
+**Head groups**: a layer split by a per-head pattern (``passes/head_groups.py``) has one attention node per group
+of KV heads; each group caches its own ``k``/``v`` (entries ``layer{L}.g{G}.key`` / ``.value``, ``group = G``) with
+its own window, sinks and capacity, so a retrieval group keeps every token while a streaming group keeps a ring.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ class CacheEntry:
     capacity: int = 0
     """Slots of a ring cache (``sinks + window``; see the module docstring); 0: the entry keeps every token and
     the window is applied by the mask."""
+    group: int = 0
+    """The head group within the layer (a layer split by a per-head pattern caches each group apart)."""
 
     @property
     def ring_mask(self) -> str:
@@ -104,32 +110,39 @@ class CachePoint:
     entry: CacheEntry
 
 
+def _pattern(att: fx.Node, ring: bool) -> tuple[int, int, int]:
+    """``(window, sinks, capacity)`` of one attention node's cache entries."""
+    window, sinks = int(att.kwargs.get("window", 0)), int(att.kwargs.get("sinks", 0))  # type: ignore[arg-type]
+    capacity = window + sinks if ring and window > 0 and bool(att.kwargs.get("causal", True)) else 0
+    return window, sinks, capacity
+
+
 def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], ring: bool = False) -> list[CachePoint]:
     points: list[CachePoint] = []
     marked = [n for n in gm.graph.nodes if is_call(n, CACHE_POINT)]
     marked_layers = {int(n.args[1]) for n in marked}  # type: ignore[arg-type]
-    pattern = {}  # layer -> (window, sinks, capacity)
+    groups: dict[int, list[fx.Node]] = {}  # layer -> its attention nodes (several: a layer split into head groups)
     for i, att in enumerate(attention_nodes(gm.graph)):
-        window, sinks = int(att.kwargs.get("window", 0)), int(att.kwargs.get("sinks", 0))  # type: ignore[arg-type]
-        capacity = window + sinks if ring and window > 0 and bool(att.kwargs.get("causal", True)) else 0
-        pattern[int(att.kwargs.get("layer", i))] = (window, sinks, capacity)  # type: ignore[arg-type]
+        groups.setdefault(int(att.kwargs.get("layer", i)), []).append(att)  # type: ignore[arg-type]
     for n in marked:
         layer, slot, seq_dim = int(n.args[1]), int(n.args[2]), int(n.args[3])  # type: ignore[arg-type]
         shape = list(shapes[n])
         shape[0], shape[seq_dim] = -1, -1
+        pattern = _pattern(groups[layer][0], ring) if layer in groups else (0, 0, 0)
         points.append(CachePoint(n, CacheEntry(f"layer{layer}.slot{slot}", layer, f"slot{slot}", tuple(shape),
-                                               seq_dim, "float32", *pattern.get(layer, (0, 0, 0)))))
-    for i, att in enumerate(attention_nodes(gm.graph)):
-        layer = int(att.kwargs.get("layer", i))  # type: ignore[arg-type]
+                                               seq_dim, "float32", *pattern)))
+    for layer, nodes in groups.items():
         if layer in marked_layers:
             continue
-        for slot, arg in (("key", att.args[1]), ("value", att.args[2])):
-            assert isinstance(arg, fx.Node)
-            shape = list(shapes[arg])
-            shape[0], shape[2] = -1, -1
-            points.append(CachePoint(arg, CacheEntry(f"layer{layer}.{slot}", layer, slot, tuple(shape), 2,
-                                                     "float32", *pattern[layer])))
-    points.sort(key=lambda p: (p.entry.layer, p.entry.slot != "key", p.entry.slot))
+        for group, att in enumerate(nodes):
+            prefix = f"layer{layer}.g{group}" if len(nodes) > 1 else f"layer{layer}"
+            for slot, arg in (("key", att.args[1]), ("value", att.args[2])):
+                assert isinstance(arg, fx.Node)
+                shape = list(shapes[arg])
+                shape[0], shape[2] = -1, -1
+                points.append(CachePoint(arg, CacheEntry(f"{prefix}.{slot}", layer, slot, tuple(shape), 2, "float32",
+                                                         *_pattern(att, ring), group=group)))
+    points.sort(key=lambda p: (p.entry.layer, p.entry.group, p.entry.slot != "key", p.entry.slot))
     return points
 
 
@@ -245,12 +258,15 @@ def decode_graph(program: Program, ring: bool = False, dense: bool = False
 
 
 def _ring_masks(gm: fx.GraphModule, entries: list[CacheEntry], anchor: fx.Node, dense: bool) -> None:
-    """Give the attention of every ring layer its own key mask input (one per distinct sinks/window)."""
+    """Give every attention node with a ring its own key mask input (one per distinct sinks/window)."""
     graph = gm.graph
-    rings = {e.layer: e for e in entries if e.capacity > 0}
+    rings = {(e.layer, e.group): e for e in entries if e.capacity > 0}
     masks: dict[str, fx.Node] = {}
+    groups: dict[int, int] = {}
     for i, att in enumerate(attention_nodes(graph)):
-        entry = rings.get(int(att.kwargs.get("layer", i)))  # type: ignore[arg-type]
+        layer = int(att.kwargs.get("layer", i))  # type: ignore[arg-type]
+        group = groups[layer] = groups.get(layer, -1) + 1
+        entry = rings.get((layer, group))
         if entry is None:
             continue
         if entry.ring_mask not in masks:

@@ -27,6 +27,7 @@ import torch
 from ..errors import HeadsmithError, PassError, VerificationError
 from ..fxutil import format_near
 from ..program import Program
+from ..sites import head_groups
 from .base import Pass, PassContext, PassResult, assert_close_outputs, kl_top1_cos
 
 
@@ -145,6 +146,12 @@ class PassManager:
                 raise PassError(f"pass {p} edits float weights, but the program's linears are already quantised "
                                 f"(by {done_q})", f"put quantize(...) last, after {p.name}: e.g. "
                                 f"'{p}, {done_q}'")
+            split = sorted(head_groups(program.gm.graph)) if p.head_layout else []
+            if split:
+                by = next((d for d in reversed(done) if d.startswith("sparse-attention")), "sparse-attention")
+                raise PassError(f"pass {p} rewrites each layer's heads, but {len(split)} layers (first: {split[0]}) "
+                                f"are split into head groups with different patterns (by {by})",
+                                f"run {p.name} before the per-head pattern: e.g. '{p}, {by}'")
             ctx.say(f"running {p}")
             for inst in self.instruments:
                 inst.before(p, program, ctx)

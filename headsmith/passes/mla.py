@@ -98,6 +98,7 @@ class Mla(Pass):
     """Convert attention to latent attention (shared rotary key + value latent), cache 2P + r per token. Lossy."""
 
     name: ClassVar[str] = "mla"
+    head_layout: ClassVar[bool] = True
     exact: ClassVar[bool] = False
 
     kv_fraction: float = 0.5

@@ -60,6 +60,7 @@ class PruneHeads(Pass):
     """Remove attention heads (query heads singly, KV heads with their last query head), ranked globally. Lossy."""
 
     name: ClassVar[str] = "prune-heads"
+    head_layout: ClassVar[bool] = True
     exact: ClassVar[bool] = False
 
     ratio: float = 0.0
@@ -227,16 +228,16 @@ def _prune(program: Program, site: AttentionSite, remove: set[int]) -> None:
     sizes = [sum(1 for i in keep_q if kv_of[i] == kv) for kv in keep_kv]
     r = math.gcd(*sizes)
     expand = [j for j, s in enumerate(sizes) for _ in range(s // r)]
-    _take(gm, site.q, keep_q, site.head_dim, rows=True)
-    _take(gm, site.o, keep_q, site.v_head_dim, rows=False)  # type: ignore[arg-type]
+    take_heads(gm, site.q, keep_q, site.head_dim, rows=True)
+    take_heads(gm, site.o, keep_q, site.v_head_dim, rows=False)  # type: ignore[arg-type]
     if len(keep_kv) < g:
-        _take(gm, site.k, keep_kv, site.head_dim, rows=True)
-        _take(gm, site.v, keep_kv, site.v_head_dim, rows=True)
+        take_heads(gm, site.k, keep_kv, site.head_dim, rows=True)
+        take_heads(gm, site.v, keep_kv, site.v_head_dim, rows=True)
     _fix_views(site, len(keep_q), len(keep_kv))
     _set_expansion(program, site, expand if len(expand) != len(keep_kv) else None)
 
 
-def _take(gm: fx.GraphModule, proj: Projection, heads: list[int], d: int, rows: bool) -> None:
+def take_heads(gm: fx.GraphModule, proj: Projection, heads: list[int], d: int, rows: bool) -> None:
     """Keep ``heads`` (blocks of ``d``) of a projection's rows (q/k/v, and their biases) or columns (o)."""
     idx = torch.cat([torch.arange(i * d, (i + 1) * d) for i in heads])
     w = get_tensor(gm, proj.weight)

@@ -1,4 +1,5 @@
-"""``sparse-attention(pattern=streaming, window=W, sinks=S)``: attention sinks + a sliding window. Lossy.
+"""``sparse-attention(pattern=streaming|duo|razor, window=W, sinks=S, kv_budget=F)``: attention sinks + a sliding
+window, for every head or per head. Lossy.
 
 StreamingLLM (Xiao et al., 2023) observes that the first few tokens of a text receive a large share of every
 head's attention whatever they say ("attention sinks"): a sliding window alone collapses once they leave it,
@@ -20,20 +21,36 @@ the window's distances are the ones the model was trained on). StreamingLLM inst
 the cache; that is what lets a model run past its trained length, but it needs the keys cached before RoPE
 and re-rotated at every step. Here a text longer than the model's positions sees its sinks from distances the
 model never saw in training (the window itself never exceeds ``W``); docs/sparse_attention.md measures it.
+
+**Per-head policies** (``pattern=duo`` / ``pattern=razor``): a few KV heads retrieve from anywhere in the text and
+need the full cache; most attend locally and lose little when they stream. A calibration scores every KV head,
+``duo`` by training DuoAttention's gates (:mod:`headsmith.passes.duo`), ``razor`` by RazorAttention's echo and
+induction attention on repeated random tokens (:mod:`headsmith.passes.razor`); the top heads over all layers keep
+their full cache (retrieval heads), the others stream with ``window`` / ``sinks``, as many retrieval heads as fit
+``kv_budget``: the fraction of the full model's KV bytes at ``context`` tokens (a streaming head holds
+``min(context, S + W)`` tokens, a retrieval head all of them, so at longer contexts the fraction only falls). Each
+layer then splits into two head groups (:mod:`headsmith.passes.head_groups`), each with its own cache entries.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
+
+from ..corpus import retrieval_samples
 from ..errors import PassError
 from ..program import Program
-from ..sites import attention_nodes
+from ..sites import AttentionSite, attention_nodes
 from .base import Pass, PassContext, PassResult
+from .duo import duo_gates
+from .head_groups import check_splittable, split_layer
+from .razor import razor_scores
+from .structure import refresh_values
 
-PATTERNS = ("streaming",)
-PLANNED = ("duo", "razor", "moa", "block", "power")
+PATTERNS = ("streaming", "duo", "razor")
+PLANNED = ("moa", "block", "power")
 
 
 @dataclass(frozen=True)
@@ -45,11 +62,20 @@ class SparseAttention(Pass):
     float_weights: ClassVar[bool] = False
 
     pattern: str = "streaming"
-    """``streaming``: every layer attends to the first ``sinks`` tokens and the last ``window``."""
+    """``streaming``: every layer attends to the first ``sinks`` tokens and the last ``window``; ``duo`` / ``razor``:
+    only the KV heads outside the budget do (chosen by DuoAttention's gates / RazorAttention's scores)."""
     window: int = 1024
     """Keys in the sliding window (the query's own included)."""
     sinks: int = 4
     """First tokens every query keeps attending to."""
+    kv_budget: float = 0.5
+    """duo / razor: the fraction of the full model's KV bytes at ``context`` tokens the heads may keep."""
+    context: int = 0
+    """duo / razor: the context length the budget is measured at (0: the model's maximum positions)."""
+    calibration_length: int = 1024
+    """duo / razor: tokens per calibration row (duo: passkey rows; razor: two copies of half as many)."""
+    steps: int = 32
+    """duo: gate-training steps (one row each)."""
 
     def __post_init__(self) -> None:
         if self.pattern in PLANNED:
@@ -61,12 +87,18 @@ class SparseAttention(Pass):
             raise ValueError(f"window must be >= 1 (keys a query sees, its own included), got {self.window}")
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if not 0.0 < self.kv_budget <= 1.0:
+            raise ValueError(f"kv_budget is a fraction of the full KV bytes in (0, 1], got {self.kv_budget}")
+        if self.context < 0 or self.calibration_length < 16 or self.steps < 1:
+            raise ValueError("context must be >= 0 (0: the model's positions), calibration_length >= 16, steps >= 1")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         if program.info.task != "causal-lm":
             raise PassError(f"sparse-attention(pattern={self.pattern}) is a decoder pattern; "
                             f"{program.info.architecture} is a bidirectional encoder",
                             "apply it to a causal LM")
+        if self.pattern != "streaming":
+            return self._per_head(program, ctx)
         new = program.clone()
         count, layers = 0, []
         for node in attention_nodes(new.gm.graph):
@@ -84,3 +116,80 @@ class SparseAttention(Pass):
         new._shapes = None
         return PassResult(new, modified=True, count=count, report={"pattern": self.pattern, "layers": layers})
 
+    # ---- per-head policies ---------------------------------------------------------------------
+    def _per_head(self, program: Program, ctx: PassContext) -> PassResult:
+        sites = [s for s in program.sites() if s.causal]
+        if not sites:
+            raise PassError("the program has no causal attention for sparse-attention to rewrite")
+        for site in sites:
+            check_splittable(program, site, self.pattern)
+        context = self.context or program.info.max_positions or 0
+        if context <= 0:
+            raise PassError("the model does not say how many positions it supports",
+                            "give the budget's context length: sparse-attention(..., context=N)")
+        scores, extra = self._scores(program, ctx, sites)
+        keep, kept, full = self._choose(sites, scores, context)
+        new = program.clone()
+        layers = []
+        for site in new.sites():
+            if not site.causal:
+                continue
+            kind = split_layer(new, site, keep[site.layer], self.window, self.sinks)
+            layers.append({"layer": site.layer, "retrieval": keep[site.layer], "kind": kind,
+                           "scores": [round(float(x), 5) for x in scores[site.layer]]})
+        new.gm.graph.lint()
+        new.gm.recompile()
+        refresh_values(new.gm)  # the head groups' nodes get their shapes (the ONNX lowering reads them)
+        new._shapes = None
+        n_kv = sum(s.n_kv_heads for s in sites)
+        n_keep = sum(len(v) for v in keep.values())
+        ctx.say(f"sparse-attention({self.pattern}): {n_keep} of {n_kv} KV heads keep the full cache, "
+                f"{kept / full:.1%} of the KV bytes at {context} tokens")
+        return PassResult(new, modified=True, count=len(layers), report={
+            "pattern": self.pattern, "window": self.window, "sinks": self.sinks, "context": context,
+            "kv_budget": self.kv_budget, "kv_fraction": kept / full, "retrieval_heads": n_keep, "kv_heads": n_kv,
+            "layers": layers, **extra})
+
+    def _scores(self, program: Program, ctx: PassContext, sites: list[AttentionSite]
+                ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+        """Per layer, one score per KV head (higher: keep the full cache)."""
+        length = min(self.calibration_length, program.info.max_positions or self.calibration_length)
+        if self.pattern == "razor":
+            ctx.say(f"razor: echo / induction attention on 2 x {length // 2} repeated random tokens")
+            razor = razor_scores(program, length // 2, seed=ctx.seed)
+            kv = razor.kv_scores([s.n_kv_heads for s in sites])
+            return dict(zip(razor.layers, kv)), {}
+        ids, answer = retrieval_samples(program, min(8, self.steps), length, seed=ctx.seed)
+        ctx.say(f"duo: training {sum(s.n_kv_heads for s in sites)} gates, {self.steps} steps on passkey rows of "
+                f"{ids.shape[1]} tokens")
+        duo = duo_gates(program, ids, answer, self.window, self.sinks, steps=self.steps)
+        return dict(zip(duo.layers, duo.kv_scores())), {
+            "gates": [[round(float(x), 4) for x in g] for g in duo.gates],
+            "kl": [round(x, 5) for x in duo.losses]}
+
+    def _choose(self, sites: list[AttentionSite], scores: dict[int, torch.Tensor], context: int
+                ) -> tuple[dict[int, list[int]], int, int]:
+        """The retrieval KV heads of each layer within the budget; also the kept and the full KV tokens summed
+        over the heads (both at ``context`` tokens)."""
+        def held(window: int) -> int:
+            return min(context, window) if window > 0 else context
+
+        cost = {}
+        for s in sites:
+            stream = min(s.window, self.window) if s.window > 0 else self.window
+            cost[s.layer] = (held(s.window), held(stream + self.sinks))
+        full = sum(cost[s.layer][0] * s.n_kv_heads for s in sites)
+        total = sum(cost[s.layer][1] * s.n_kv_heads for s in sites)
+        if total > self.kv_budget * full:
+            raise PassError(f"kv_budget={self.kv_budget} is below what the streaming heads alone keep at {context} "
+                            f"tokens ({total / full:.1%} with window={self.window}, sinks={self.sinks})",
+                            "raise kv_budget, shorten the window, or measure at a longer context=")
+        ranked = sorted(((float(scores[s.layer][h]), s.layer, h) for s in sites for h in range(s.n_kv_heads)),
+                        reverse=True)
+        keep: dict[int, list[int]] = {s.layer: [] for s in sites}
+        for _, layer, h in ranked:
+            extra = cost[layer][0] - cost[layer][1]
+            if total + extra <= self.kv_budget * full:
+                keep[layer].append(h)
+                total += extra
+        return {k: sorted(v) for k, v in keep.items()}, total, full
