@@ -1,15 +1,16 @@
 """Sparse attention on SmolLM2-135M: full attention, streaming and two per-head policies, on the ONNX Runtime engine.
 
     python benchmarks/sparse_attention.py [--contexts 2048,4096,8192] [--rows full,streaming,duo,razor]
-                                          [--new-tokens 32] [--json out.json] [--generate N]
+                                          [--head-window 508] [--new-tokens 32] [--json out.json] [--generate N]
 
 Rows (each converted with ``--backend onnx`` once into out/ and reused):
 
 - ``full``: no pass;
 - ``streaming``: ``sparse-attention(window=1020, sinks=4)``: every head keeps 1/4 of a 4k context;
-- ``duo`` / ``razor``: ``sparse-attention(pattern=duo|razor, window=252, sinks=4, kv_budget=0.5, context=2048)``:
-  the KV heads chosen by DuoAttention's gates / RazorAttention's scores keep the full cache, the others 256 slots,
-  at most half the full model's KV bytes from 2048 tokens on (the fraction falls as the context grows).
+- ``duo`` / ``razor``: ``sparse-attention(pattern=duo|razor, window=W, sinks=4, kv_budget=0.5, context=2048)``
+  (``--head-window W``, default 508): the KV heads chosen by DuoAttention's gates / RazorAttention's scores keep the
+  full cache, the others W + 4 slots, at most half the full model's KV bytes from 2048 tokens on (the fraction
+  falls as the context grows).
 
 Per context N:
 
@@ -25,8 +26,9 @@ Per context N:
 - the speed bound against full attention: (weights + K/V of N tokens) / (weights + K/V the pattern keeps) bytes
   per step, printed beside the measured ratio.
 
-``--generate N``: also generate N tokens after a short prompt with the full and streaming rows, sampling the
-process's resident memory every 1024 tokens (flat for streaming, growing for full).
+``--generate N``: also generate N tokens after a 64-token prompt with the full and streaming rows, sampling the
+process's resident memory (and its peak) every 1024 tokens (``--contexts ""`` skips the table; run one row per
+process, ``--rows full`` then ``--rows streaming``, so one row's freed memory does not hide in the other's).
 """
 
 from __future__ import annotations
@@ -46,9 +48,13 @@ from headsmith.runtime.engine import engine_for
 from headsmith.runtime.generate import GenerationConfig, generate
 
 MODEL = "smollm2-135m"
-PER_HEAD = "window=252, sinks=4, kv_budget=0.5, context=2048"
-SPECS = {"full": "", "streaming": "sparse-attention(window=1020, sinks=4)",
-         "duo": f"sparse-attention(pattern=duo, {PER_HEAD})", "razor": f"sparse-attention(pattern=razor, {PER_HEAD})"}
+ROWS = ("full", "streaming", "duo", "razor")
+
+
+def specs(head_window: int) -> dict[str, str]:
+    per_head = f"window={head_window}, sinks=4, kv_budget=0.5, context=2048"
+    return {"full": "", "streaming": "sparse-attention(window=1020, sinks=4)",
+            "duo": f"sparse-attention(pattern=duo, {per_head})", "razor": f"sparse-attention(pattern=razor, {per_head})"}
 
 
 def kv_bytes_at(manifest: dict[str, Any], n: int) -> int:
@@ -119,6 +125,7 @@ def long_generation(path: Any, n: int, tokenizer: Any) -> list[dict[str, Any]]:
         token, seen = logits[:, -1].argmax(-1, keepdim=True), seen + 1
         if step % 1024 == 0 or step == n:
             samples.append({"tokens": seen, "rss_mb": rss_mb(), "kv_mb": cache.nbytes() / 1e6,
+                            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,  # KiB
                             "tok_s": step / (time.perf_counter() - start)})
     return samples
 
@@ -126,20 +133,23 @@ def long_generation(path: Any, n: int, tokenizer: Any) -> list[dict[str, Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="2048,4096,8192")
-    ap.add_argument("--rows", default=",".join(SPECS))
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--head-window", type=int, default=508, help="the streaming heads' window of duo / razor")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--generate", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",") if c]  # --contexts "": only --generate
     torch.set_num_threads(2)
     labels = args.rows.split(",")
-    paths = {label: artifact(MODEL, "onnx", SPECS[label], name=f"{MODEL}-onnx-{label}" if label != "full" else None)
+    spec = specs(args.head_window)
+    names = {"full": None, "streaming": f"{MODEL}-onnx-streaming"}
+    paths = {label: artifact(MODEL, "onnx", spec[label], name=names.get(label, f"{MODEL}-onnx-{label}-w{args.head_window}"))
              for label in labels}
     tokenizer = read_artifact(paths[labels[0]]).tokenizer
-    texts = held_out_texts(tokenizer, max(contexts))
+    texts = held_out_texts(tokenizer, max(contexts, default=64))
     rows = []
-    for label, path in paths.items():
+    for label, path in paths.items() if contexts else ():
         for r in measure(path, contexts, args.new_tokens, texts):
             rows.append({"row": label, **r})
     full = {r["context"]: r for r in rows if r["row"] == "full"}
@@ -157,7 +167,7 @@ def main() -> None:
             r[key + "_x"] = r[key] / f[key]
     print(f"# {MODEL}, ONNX Runtime engine, {machine()}\n")
     for label in labels:
-        print(f"- {label}: {SPECS[label] or '(no pass)'}")
+        print(f"- {label}: {spec[label] or '(no pass)'}")
     print()
     columns = [("row", "row", ""), ("context", "context", "d"), ("kv_x", "KV kept", ".3f"),
                ("kv_mb", "KV MB held", ".1f")]
@@ -165,7 +175,8 @@ def main() -> None:
         columns += [(key, f"ppl {key[4:]}", ".3f"), (key + "_x", "x full", ".3f")]
     columns += [("passkey_str", "passkey @ depth " + "/".join(f"{d:g}" for d in DEPTHS), ""),
                 ("tok_s", "decode tok/s", ".1f"), ("speedup", "x full", ".2f"), ("bound", "bound", ".2f")]
-    print(table(rows, columns))
+    if rows:
+        print(table(rows, columns))
     generation: dict[str, Any] = {}
     if args.generate:
         for label in [x for x in ("full", "streaming") if x in paths]:
@@ -173,7 +184,8 @@ def main() -> None:
         print(f"\n## {args.generate} generated tokens: resident memory\n")
         gen_rows = [{"row": label, **s} for label, samples in generation.items() for s in samples]
         print(table(gen_rows, [("row", "row", ""), ("tokens", "tokens", "d"), ("kv_mb", "KV MB held", ".1f"),
-                               ("rss_mb", "RSS MB", ".0f"), ("tok_s", "tok/s so far", ".1f")]))
+                               ("rss_mb", "RSS MB", ".0f"), ("peak_mb", "peak RSS MB", ".0f"),
+                               ("tok_s", "tok/s so far", ".1f")]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "generation": generation}, f, indent=1)

@@ -4,6 +4,8 @@ engine, the KV budget, composition with the head-editing passes, and the passkey
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +25,7 @@ from headsmith.program import Program
 from headsmith.runtime.engine import TorchEngine, engine_for
 from headsmith.sites import head_groups
 
-from .conftest import _ROOT, tiny_program
+from .conftest import _ROOT, tiny_dir, tiny_program
 from .test_sparse_attention import check_generation
 
 RAZOR = "sparse-attention(pattern=razor, window=5, sinks=2, kv_budget=0.75, calibration_length=160)"
@@ -186,3 +188,18 @@ def test_passkey_scores_each_depth() -> None:
     result = passkey(oracle, tok, [300], depths=(0.0, 0.5, 1.0))
     assert result["contexts"]["300"]["depths"] == {"0": 1.0, "0.5": 1.0, "1": 0.0}
     assert result["mean"] == pytest.approx(2 / 3)
+
+
+def test_cli_inspects_retrieval_scores_and_runs_passkey(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from headsmith.cli import main
+
+    assert main(["inspect", str(tiny_dir("llama")), "--scores", "heads-retrieval", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["scores"]
+    assert table["methods"] == ["induction", "echo"] and len(table["induction"]) == 2
+    out = tmp_path / "art"
+    headsmith.convert(split("llama"), out, backend="torch")
+    assert main(["eval", str(out), "--passkey", "--contexts", "200", "--depths", "0,1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["contexts"]["200"]["depths"]) == ["0", "1"] and len(result["answers"]) == 2
+    assert main(["eval", str(out), "--passkey", "--contexts", "9999"]) == 2
+    assert "exceeds the model's 256 positions" in capsys.readouterr().err

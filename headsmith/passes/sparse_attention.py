@@ -165,7 +165,7 @@ class SparseAttention(Pass):
         duo = duo_gates(program, ids, answer, self.window, self.sinks, steps=self.steps)
         return dict(zip(duo.layers, duo.kv_scores())), {
             "gates": [[round(float(x), 4) for x in g] for g in duo.gates],
-            "kl": [round(x, 5) for x in duo.losses]}
+            "distill_kl": [round(x, 5) for x in duo.losses]}
 
     def _choose(self, sites: list[AttentionSite], scores: dict[int, torch.Tensor], context: int
                 ) -> tuple[dict[int, list[int]], int, int]:
