@@ -160,3 +160,14 @@ def test_ring_kv_cache_ping_pong_and_in_place_agree() -> None:
             cache.commit(1)
     kept = [sorted(c.valid()[0].ravel().tolist()) for c in caches]
     assert kept[0] == kept[1] == [0.0, 28.0, 29.0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_engines_name_a_mask_of_the_wrong_length(backend: str) -> None:
+    engine = engine_for(read_artifact(artifact("llama", backend)))
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(BackendError, match=r"attention_mask is \(1, 4\), but 9 tokens need \[1, 9\]"):
+        engine.prefill(ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(9)[None])
+    _, cache = engine.prefill(ids, torch.ones_like(ids), torch.arange(9)[None])
+    with pytest.raises(BackendError, match="9 cached \\+ 1 new tokens need"):
+        engine.decode(torch.tensor([[5]]), torch.ones(1, 9, dtype=torch.int64), torch.tensor([[9]]), cache)

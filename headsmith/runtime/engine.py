@@ -102,6 +102,19 @@ class TorchCache:
         self.seen = length
 
 
+def check_inputs(input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: int = 0) -> None:
+    """One clear error for inputs whose shapes disagree (instead of a kernel's reshape error): ``input_ids`` and
+    ``position_ids`` ``[B, T]``, ``attention_mask`` ``[B, past + T]``."""
+    if input_ids.dim() != 2 or tuple(position_ids.shape) != tuple(input_ids.shape):
+        raise BackendError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} must "
+                           "both be [batch, tokens]", "pass one position per token")
+    b, t = input_ids.shape
+    if tuple(attention_mask.shape) != (b, past + t):
+        what = f"{past} cached + {t} new tokens" if past else f"{t} tokens"
+        raise BackendError(f"attention_mask is {tuple(attention_mask.shape)}, but {what} need [{b}, {past + t}]",
+                           "the mask has one column per token of the text so far (cached and new)")
+
+
 def decode_in_steps(engine: Any, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any,
                     rings: list[Ring | None], one: bool = False) -> tuple[Tensor, Any]:
     """``engine.decode`` of T tokens as consecutive steps that fit every ring (``one``: single tokens); the same
@@ -171,12 +184,14 @@ class TorchEngine:
                            [int(e["seq_dim"]) for e in cache], rings_of(cache))
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        check_inputs(input_ids, attention_mask, position_ids)
         with torch.no_grad():
             out = self.prefill_fn(input_ids, position_ids, attention_mask)
         return out[0], TorchCache.from_prompt(list(out[1:]), self.seq_dims, self.rings)
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: TorchCache) -> tuple[Tensor, Any]:
+        check_inputs(input_ids, attention_mask, position_ids, cache.length)
         t = input_ids.shape[1]
         if step_size(self.rings, cache.length, t) < t:
             return decode_in_steps(self, input_ids, attention_mask, position_ids, cache, self.rings)
@@ -187,6 +202,7 @@ class TorchEngine:
         return out[0], cache
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        check_inputs(input_ids, attention_mask, position_ids)
         with torch.no_grad():
             return self.forward_fn(input_ids, position_ids, attention_mask)
 
@@ -243,6 +259,7 @@ class OrtEngine:
         return rings_of(self.backend.get("cache", []))
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        check_inputs(input_ids, attention_mask, position_ids)
         b, t = input_ids.shape
         cache = self.new_cache(b, capacity=max(256, 2 * t))
         logits = np.empty((b, 1, self.info.vocab_size), dtype=np.float32)
@@ -261,6 +278,7 @@ class OrtEngine:
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: KVCache) -> tuple[Tensor, Any]:
+        check_inputs(input_ids, attention_mask, position_ids, cache.length)
         b, t = input_ids.shape
         # onnxruntime's GroupQueryAttention takes several new tokens with a past only for batch 1; a step must
         # fit every ring: both run as steps of fewer tokens (same result)
@@ -312,6 +330,7 @@ class OrtEngine:
         sess.run_with_iobinding(io)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        check_inputs(input_ids, attention_mask, position_ids)
         if "forward" in self.backend:
             out = self.session("forward").run(None, {k: v for k, v in _feeds(input_ids, position_ids,
                                                                              attention_mask).items()})

@@ -247,6 +247,9 @@ class TensorRTEngine:
         return [outputs.pop(f"present_{e['name'].replace('.', '_')}") for e in self.backend.get("cache", [])]
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        from .engine import check_inputs
+
+        check_inputs(input_ids, attention_mask, position_ids)
         feeds = self._feeds(input_ids, position_ids, attention_mask)
         outputs = self._run("prefill", feeds)
         self._free(feeds)

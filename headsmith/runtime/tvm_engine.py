@@ -277,6 +277,9 @@ class TvmEngine:
                            *self.params)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        from .engine import check_inputs
+
+        check_inputs(input_ids, attention_mask, position_ids)
         b, t = input_ids.shape
         out = self._call("prefill", input_ids.to(torch.int64), position_ids.to(torch.int64),
                          attention_mask.to(torch.int64))
