@@ -24,8 +24,8 @@ reach, and has none for SmolLM2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,31 +33,35 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from headsmith.corpus import PASSKEY_QUESTION, passkey_prompt
-from headsmith.eval.passkey import DEPTHS
+from headsmith.corpus import PASSKEY_QUESTION
+from headsmith.eval.passkey import DEPTHS, passkey
 
 MODEL_DIR = Path.home() / ".cache/headsmith/models/smollm2-135m"
 
 
-def answer(model, tok, context: torch.Tensor, question: torch.Tensor, n: int, press) -> str:
+def kvpress_generate(model, tok, question: torch.Tensor, press):
+    """A ``headsmith.eval.passkey`` generate function: the prompt minus its question is the context the press
+    compresses at prefill; the question and the greedy answer then run on the compressed cache."""
     from transformers import DynamicCache
-    cache = DynamicCache()
-    with torch.no_grad():
-        if press is not None:
-            with press(model):
+
+    def run(prompt: list[int], n: int) -> list[int]:
+        ids = torch.tensor(prompt)
+        context, asked = ids[: ids.numel() - question.numel()], ids[ids.numel() - question.numel():]
+        assert torch.equal(asked, question)
+        cache = DynamicCache()
+        with torch.no_grad():
+            with press(model) if press is not None else contextlib.nullcontext():
                 model(input_ids=context[None], past_key_values=cache)
-        else:
-            model(input_ids=context[None], past_key_values=cache)
-        pos = context.numel()
-        ids = question[None]
-        out = []
-        for _ in range(n):
-            logits = model(input_ids=ids, past_key_values=cache,
-                           position_ids=torch.arange(pos, pos + ids.shape[1])[None]).logits
-            pos += ids.shape[1]
-            ids = logits[:, -1:].argmax(-1)
-            out.append(int(ids))
-    return tok.decode(out, skip_special_tokens=True)
+            pos, step, out = context.numel(), asked[None], []
+            for _ in range(n):
+                logits = model(input_ids=step, past_key_values=cache,
+                               position_ids=torch.arange(pos, pos + step.shape[1])[None]).logits
+                pos += step.shape[1]
+                step = logits[:, -1:].argmax(-1)
+                out.append(int(step))
+        return out
+
+    return run
 
 
 def main() -> None:
@@ -72,7 +76,6 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
     presses = {"transformers": None,
@@ -82,18 +85,10 @@ def main() -> None:
     rows = []
     for label, press in presses.items():
         for n in [int(c) for c in args.contexts.split(",")]:
-            g = torch.Generator().manual_seed(0)  # the keys of headsmith.eval.passkey (same seed, same order)
-            hits, answers, start = {}, [], time.perf_counter()
-            for depth in DEPTHS:
-                key = str(int(torch.randint(10000, 100000, (1,), generator=g)))
-                answer_len = len(tok(f" {key}", add_special_tokens=False)["input_ids"])
-                prompt, _ = passkey_prompt(tok, n - answer_len - 2, depth, key)
-                context = prompt[: prompt.numel() - question.numel()]
-                assert torch.equal(prompt[context.numel():], question)
-                text = answer(model, tok, context, question, answer_len + 2, press)
-                found = re.search(r"\d+", text)
-                hits[f"{depth:g}"] = float(found is not None and found.group(0) == key)
-                answers.append(text.strip())
+            start = time.perf_counter()
+            result = passkey(kvpress_generate(model, tok, question, press), tok, [n], DEPTHS)  # same keys: seed 0
+            hits = result["contexts"][str(n)]["depths"]
+            answers = [a["answer"] for a in result["answers"]]
             rows.append({"row": label, "context": n, "passkey": hits, "answers": answers,
                          "seconds": time.perf_counter() - start})
             print(f"| {label} | {n} | {' '.join(f'{v:.0f}' for v in hits.values())} | {answers} |", flush=True)

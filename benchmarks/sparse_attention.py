@@ -44,6 +44,7 @@ from _common import artifact, held_out_texts, machine, table
 
 from headsmith.backends.artifact import read_artifact
 from headsmith.eval.passkey import DEPTHS, passkey
+from headsmith.passes.kv_cache import CacheEntry
 from headsmith.runtime.engine import engine_for
 from headsmith.runtime.generate import GenerationConfig, generate
 
@@ -59,15 +60,8 @@ def specs(head_window: int) -> dict[str, str]:
 
 def kv_bytes_at(manifest: dict[str, Any], n: int) -> int:
     """Bytes of K/V the pattern keeps after ``n`` tokens (fp32): a ring entry ``min(n, capacity)`` tokens."""
-    total = 0
-    for e in manifest["backend"]["cache"]:
-        per_token = 4
-        for i, d in enumerate(e["shape"]):
-            if i not in (0, int(e["seq_dim"])):
-                per_token *= int(d)
-        capacity = int(e.get("capacity", 0))
-        total += per_token * (min(n, capacity) if capacity else n)
-    return total
+    entries = [CacheEntry(**{**e, "shape": tuple(e["shape"])}) for e in manifest["backend"]["cache"]]
+    return sum(e.bytes_per_token(4) * (min(n, e.capacity) if e.capacity else n) for e in entries)
 
 
 def rss_mb() -> float:

@@ -69,12 +69,13 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 def passkey_prompt(tokenizer: object, n_tokens: int, depth: float, key: str,
-                   filler: Tensor | None = None, instruction: bool = True) -> tuple[Tensor, Tensor]:
-    """``(prompt[N], answer[A])``: a passkey-retrieval prompt of about ``n_tokens`` tokens (never more) with the
+                   filler: Tensor | None = None, instruction: bool = True, reserve: int = -1) -> tuple[Tensor, Tensor]:
+    """``(prompt[N], answer[A])``: a passkey-retrieval prompt of ``n_tokens`` tokens with the
     needle ``The pass key is KEY. Remember it. KEY is the pass key.`` at ``depth`` (0: right after the task, 1:
     right before the question) of a haystack of ``filler`` ids (default: :data:`PASSKEY_FILLER` repeated), and
     the answer's ids (`` KEY``) the model should continue with. ``instruction``: open with the task's
-    instruction (:data:`PASSKEY_TASK`)."""
+    instruction (:data:`PASSKEY_TASK`). ``reserve >= 0``: ``n_tokens`` also holds the answer and ``reserve`` more
+    tokens (the prompt is ``n_tokens - A - reserve`` long)."""
     if not 0.0 <= depth <= 1.0:
         raise HeadsmithError(f"passkey depth must be in [0, 1], got {depth}", "0 puts the key first, 1 last")
     head = tokenize(tokenizer, PASSKEY_TASK if instruction else "")
@@ -83,6 +84,8 @@ def passkey_prompt(tokenizer: object, n_tokens: int, depth: float, key: str,
     question = torch.tensor(tokenizer(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"],  # type: ignore[operator]
                             dtype=torch.int64)
     answer = torch.tensor(tokenizer(f" {key}", add_special_tokens=False)["input_ids"], dtype=torch.int64)  # type: ignore[operator]
+    if reserve >= 0:
+        n_tokens -= answer.numel() + reserve
     room = n_tokens - head.numel() - needle.numel() - question.numel()
     if room < 1:
         raise HeadsmithError(f"a passkey prompt needs more than {n_tokens} tokens", "ask for a longer context")
@@ -116,11 +119,9 @@ def retrieval_samples(program: Program, n: int, length: int, seed: int = 0,
     text = tokenize(program.tokenizer, read_text(path, CALIBRATION_TEXT))
     for i in range(n):
         key = str(int(torch.randint(10000, 100000, (1,), generator=g)))
-        answer = torch.tensor(program.tokenizer(f" {key}", add_special_tokens=False)["input_ids"],  # type: ignore[operator]
-                              dtype=torch.int64)
         start = int(torch.randint(0, max(1, text.numel() - length), (1,), generator=g))
-        prompt, answer = passkey_prompt(program.tokenizer, length - answer.numel(), (i + 0.5) / n, key, text[start:],
-                                        instruction=False)
+        prompt, answer = passkey_prompt(program.tokenizer, length, (i + 0.5) / n, key, text[start:],
+                                        instruction=False, reserve=0)
         rows.append(torch.cat([prompt, answer]))
         answer_len = min(answer_len, answer.numel())
     return torch.stack(rows), answer_len

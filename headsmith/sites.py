@@ -148,12 +148,17 @@ def is_head_group_cat(node: fx.Node) -> bool:
             and all(is_call(p, ATTENTION) for p in parts))
 
 
-def head_groups(graph: fx.Graph) -> dict[int, list[fx.Node]]:
-    """The split layers: ``layer -> [attention node of each head group]`` for layers with more than one."""
+def attention_by_layer(graph: fx.Graph) -> dict[int, list[fx.Node]]:
+    """``layer -> its attention nodes`` in graph order (one per head group; one for an unsplit layer)."""
     by_layer: dict[int, list[fx.Node]] = {}
     for i, att in enumerate(attention_nodes(graph)):
         by_layer.setdefault(int(att.kwargs.get("layer", i)), []).append(att)  # type: ignore[arg-type]
-    return {layer: nodes for layer, nodes in by_layer.items() if len(nodes) > 1}
+    return by_layer
+
+
+def head_groups(graph: fx.Graph) -> dict[int, list[fx.Node]]:
+    """The split layers: ``layer -> [attention node of each head group]`` for layers with more than one."""
+    return {layer: nodes for layer, nodes in attention_by_layer(graph).items() if len(nodes) > 1}
 
 
 def output_projection(node: fx.Node) -> fx.Node | None:

@@ -37,9 +37,8 @@ def passkey(generate: Generate, tokenizer: Any, contexts: Sequence[int], depths:
             hits = 0
             for _ in range(trials):
                 key = str(int(torch.randint(10000, 100000, (1,), generator=g)))
-                answer_len = len(tokenizer(f" {key}", add_special_tokens=False)["input_ids"])
-                prompt, _ = passkey_prompt(tokenizer, n - answer_len - 2, depth, key)
-                out = generate(prompt.tolist(), answer_len + 2)
+                prompt, answer = passkey_prompt(tokenizer, n, depth, key, reserve=2)
+                out = generate(prompt.tolist(), answer.numel() + 2)
                 text = tokenizer.decode(out, skip_special_tokens=True)
                 found = re.search(r"\d+", text)
                 ok = found is not None and found.group(0) == key

@@ -46,7 +46,7 @@ from ..errors import BackendError
 from ..fxutil import clone_module, erase_dead, is_call
 from ..program import Program
 from ..qweights import LINEAR_Q
-from ..sites import ATTENTION, attention_nodes
+from ..sites import ATTENTION, attention_by_layer, attention_nodes
 
 aten = torch.ops.aten
 
@@ -121,9 +121,7 @@ def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], ring: bo
     points: list[CachePoint] = []
     marked = [n for n in gm.graph.nodes if is_call(n, CACHE_POINT)]
     marked_layers = {int(n.args[1]) for n in marked}  # type: ignore[arg-type]
-    groups: dict[int, list[fx.Node]] = {}  # layer -> its attention nodes (several: a layer split into head groups)
-    for i, att in enumerate(attention_nodes(gm.graph)):
-        groups.setdefault(int(att.kwargs.get("layer", i)), []).append(att)  # type: ignore[arg-type]
+    groups = attention_by_layer(gm.graph)  # several nodes: a layer split into head groups
     for n in marked:
         layer, slot, seq_dim = int(n.args[1]), int(n.args[2]), int(n.args[3])  # type: ignore[arg-type]
         shape = list(shapes[n])
@@ -262,26 +260,30 @@ def _ring_masks(gm: fx.GraphModule, entries: list[CacheEntry], anchor: fx.Node, 
     graph = gm.graph
     rings = {(e.layer, e.group): e for e in entries if e.capacity > 0}
     masks: dict[str, fx.Node] = {}
-    groups: dict[int, int] = {}
-    for i, att in enumerate(attention_nodes(graph)):
-        layer = int(att.kwargs.get("layer", i))  # type: ignore[arg-type]
-        group = groups[layer] = groups.get(layer, -1) + 1
-        entry = rings.get((layer, group))
-        if entry is None:
-            continue
-        if entry.ring_mask not in masks:
-            with graph.inserting_after(anchor):
-                placeholder = graph.placeholder(entry.ring_mask)
-            anchor = placeholder
-            with graph.inserting_before(att):
-                masks[entry.ring_mask] = graph.call_function(aten.ne.Scalar, (placeholder, 0))
-        args = list(att.args) + [None] * max(0, 4 - len(att.args))
-        args[3] = masks[entry.ring_mask]
-        att.args = tuple(args)
-        kwargs = {k: v for k, v in att.kwargs.items() if k != "key_mask"}
-        if dense:
-            kwargs.update(window=0, sinks=0)
-        att.kwargs = kwargs
+    for layer, nodes in attention_by_layer(graph).items():
+        for group, att in enumerate(nodes):
+            entry = rings.get((layer, group))
+            if entry is not None:
+                anchor = _ring_mask(graph, att, entry, masks, anchor, dense)
+
+
+def _ring_mask(graph: fx.Graph, att: fx.Node, entry: CacheEntry, masks: dict[str, fx.Node], anchor: fx.Node,
+               dense: bool) -> fx.Node:
+    """Point ``att``'s key mask at its ring's mask input (created at the first use); returns the new anchor."""
+    if entry.ring_mask not in masks:
+        with graph.inserting_after(anchor):
+            placeholder = graph.placeholder(entry.ring_mask)
+        anchor = placeholder
+        with graph.inserting_before(att):
+            masks[entry.ring_mask] = graph.call_function(aten.ne.Scalar, (placeholder, 0))
+    args = list(att.args) + [None] * max(0, 4 - len(att.args))
+    args[3] = masks[entry.ring_mask]
+    att.args = tuple(args)
+    kwargs = {k: v for k, v in att.kwargs.items() if k != "key_mask"}
+    if dense:
+        kwargs.update(window=0, sinks=0)
+    att.kwargs = kwargs
+    return anchor
 
 
 def decode_dynamic(entries: list[CacheEntry]) -> tuple[Any, ...]:
