@@ -129,6 +129,9 @@ def _print_spec(spec: Any, extra: dict[str, Any]) -> None:
     split = {la.index for la in spec.layers if la.group > 0}
     for layer in spec.layers:
         window = f"{layer.window or '-'}" + (f" +{layer.sinks} sinks" if layer.sinks else "")
+        if layer.blocks:
+            from .block_sparse import BlockPattern
+            window = BlockPattern.decode(layer.blocks).describe()  # type: ignore[union-attr]
         table.add_row(f"{layer.index}.g{layer.group}" if layer.index in split else str(layer.index), layer.kind, str(layer.n_heads), str(layer.n_kv_heads),
                       str(layer.head_dim) if layer.head_dim == layer.v_head_dim else f"{layer.head_dim}/{layer.v_head_dim}",
                       window, str(layer.rope_dims or "-"), "yes" if layer.qk_norm else "no",

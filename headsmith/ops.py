@@ -1,6 +1,6 @@
 """headsmith's custom ops: the canonical attention every raised program uses.
 
-``headsmith::attention(q, k, v, key_mask, causal, scale, window, sinks, softcap, layer) -> out``
+``headsmith::attention(q, k, v, key_mask, causal, scale, window, sinks, softcap, layer, blocks) -> out``
 
 Layout letters used in this file: B batch, Hq query heads, Hkv key/value heads, Tq query length,
 Tk key length, D head dim of q/k, Dv head dim of v.
@@ -15,6 +15,10 @@ Semantics (those of ONNX ``Attention`` opset 23 and onnxruntime's ``GroupQueryAt
 - ``causal``: key ``j`` is visible to query ``i`` only if ``j <= i + Tk - Tq``.
 - ``window > 0``: additionally ``(i + Tk - Tq) - j < window`` (a sliding window of ``window`` keys,
   the query's own included), except that the first ``sinks`` keys stay visible (attention sinks).
+- ``blocks`` (a block-sparse layout, :mod:`headsmith.block_sparse`; "" for none): additionally the key's block
+  must be visible from the query's (key ``j`` and query ``i`` sit in blocks ``j // b`` and ``(i + Tk - Tq) // b``).
+  Exclusive with ``window``. The reference runs a long causal prefill with FlexAttention, which skips the
+  invisible blocks; every other shape runs the dense masked kernel.
 - ``scale``: the softmax scale; ``0.0`` means ``1 / sqrt(D)``. ``softcap > 0`` applies
   ``softcap * tanh(scores / softcap)`` before masking.
 - A query row whose keys are all masked gets the mean of ``v`` (masked scores are the most negative
@@ -32,6 +36,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import block_sparse
+
 __all__ = ["attention", "attention_bias_kv", "attention_bias_kv_bsd", "attention_mask_bias", "rms_norm", "skip_rms_norm",
            "rotary"]
 
@@ -43,10 +49,11 @@ def _promoted(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def attention_mask_bias(key_mask: Tensor | None, tq: int, tk: int, causal: bool, window: int,
-                        sinks: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+                        sinks: int, dtype: torch.dtype, device: torch.device, blocks: str = "") -> Tensor | None:
     """The additive mask ``[B|1, 1, Tq, Tk]`` (0 where visible, the most negative float elsewhere)."""
     allowed: Tensor | None = None
-    if causal or window > 0:
+    pattern = block_sparse.BlockPattern.decode(blocks)
+    if causal or window > 0 or pattern is not None:
         q_pos_T1 = torch.arange(tq, device=device).unsqueeze(1) + (tk - tq)
         k_pos_1S = torch.arange(tk, device=device).unsqueeze(0)
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
@@ -57,6 +64,8 @@ def attention_mask_bias(key_mask: Tensor | None, tq: int, tk: int, causal: bool,
             if sinks > 0:
                 in_window = in_window | (k_pos_1S < sinks)
             allowed = allowed & in_window
+        if pattern is not None:
+            allowed = allowed & block_sparse.visible(pattern, q_pos_T1, k_pos_1S)
         allowed = allowed[None, None]
     if key_mask is not None:
         keys = key_mask.to(torch.bool)[:, None, None, :]
@@ -71,15 +80,22 @@ def attention_mask_bias(key_mask: Tensor | None, tq: int, tk: int, causal: bool,
 @torch.library.custom_op("headsmith::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = True,
               scale: float = 0.0, window: int = 0, sinks: int = 0, softcap: float = 0.0,
-              layer: int = -1) -> Tensor:
+              layer: int = -1, blocks: str = "") -> Tensor:
     """Reference kernel (torch SDPA with an additive mask); see the module docstring."""
     q, k, v = _promoted(q, k, v)
     _, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if hq % hkv != 0:
         raise ValueError(f"attention: {hq} query heads are not a multiple of {hkv} key/value heads")
+    if blocks and window > 0:
+        raise ValueError("attention: a block-sparse layout and a sliding window are exclusive")
     sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
-    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device)
+    pattern = block_sparse.BlockPattern.decode(blocks)
+    if pattern is not None and causal and tq == tk and (key_mask is None or bool(key_mask.all())):
+        out = block_sparse.flex_prefill(q, k, v, pattern, sm_scale, softcap)
+        if out is not None:
+            return out.contiguous()
+    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device, blocks)
     if softcap > 0.0:
         rep = hq // hkv
         k_rep = k.repeat_interleave(rep, dim=1) if rep > 1 else k
@@ -98,7 +114,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
 @attention.register_fake
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
                     causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
-                    softcap: float = 0.0, layer: int = -1) -> Tensor:
+                    softcap: float = 0.0, layer: int = -1, blocks: str = "") -> Tensor:
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=dtype)
 
@@ -111,25 +127,25 @@ def _attention_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: t
 
 def _attention_backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # noqa: ANN202
     q, k, v = ctx.saved_tensors  # type: ignore[attr-defined]
-    key_mask, causal, scale, window, sinks, softcap, _layer = ctx.extra  # type: ignore[attr-defined]
+    key_mask, causal, scale, window, sinks, softcap, _layer, blocks = ctx.extra  # type: ignore[attr-defined]
     with torch.enable_grad():
         q_ = q.detach().requires_grad_(True)
         k_ = k.detach().requires_grad_(True)
         v_ = v.detach().requires_grad_(True)
-        out = _attention_math(q_, k_, v_, key_mask, causal, scale, window, sinks, softcap)
+        out = _attention_math(q_, k_, v_, key_mask, causal, scale, window, sinks, softcap, blocks)
         gq, gk, gv = torch.autograd.grad(out, (q_, k_, v_), grad_out)
-    return gq, gk, gv, None, None, None, None, None, None, None
+    return gq, gk, gv, None, None, None, None, None, None, None, None
 
 
 def _attention_math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool,
-                    scale: float, window: int, sinks: int, softcap: float) -> Tensor:
+                    scale: float, window: int, sinks: int, softcap: float, blocks: str = "") -> Tensor:
     """Differentiable twin of the reference kernel (used for backward, e.g. by ``heal``); the casts of
     :func:`_promoted` are part of its graph, so each gradient comes back in its input's dtype."""
     q, k, v = _promoted(q, k, v)
     _, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
-    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device)
+    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device, blocks)
     if softcap > 0.0:
         rep = hq // hkv
         k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
@@ -148,19 +164,19 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup_
 @torch.library.custom_op("headsmith::attention_kv", mutates_args=())
 def attention_kv(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
                  key_mask: Tensor | None, causal: bool, scale: float, window: int, sinks: int, softcap: float,
-                 layer: int, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+                 layer: int, n_heads: int, n_kv_heads: int, blocks: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """``attention`` over ``cat([past, new])`` that also returns the presents (a lowering form for KV-cache
     kernels such as onnxruntime's GroupQueryAttention): ``(out, present_k, present_v)``."""
     k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
     v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
-    out = attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer)
+    out = attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer, blocks)
     return out, k_all.clone(), v_all.clone()
 
 
 @attention_kv.register_fake
 def _attention_kv_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, past_v: Tensor | None,
                        key_mask: Tensor | None, causal: bool, scale: float, window: int, sinks: int, softcap: float,
-                       layer: int, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+                       layer: int, n_heads: int, n_kv_heads: int, blocks: str = "") -> tuple[Tensor, Tensor, Tensor]:
     k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
     v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
     out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))

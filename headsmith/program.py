@@ -77,6 +77,8 @@ class LayerSpec:
     v_head_dim: int
     window: int = 0
     sinks: int = 0
+    blocks: str = ""
+    """A block-sparse layout (``sparse-attention(pattern=block|power)``, :mod:`headsmith.block_sparse`)."""
     scale: float = 0.0
     softcap: float = 0.0
     rope_dims: int = 0
@@ -248,7 +250,7 @@ class Program:
             layers.append(LayerSpec(
                 index=site.layer, kind=site.kind, n_heads=site.n_heads, n_kv_heads=site.n_kv_heads,
                 head_dim=site.head_dim, v_head_dim=site.v_head_dim, window=site.window, sinks=site.sinks,
-                scale=site.scale, softcap=site.softcap,
+                blocks=site.blocks, scale=site.scale, softcap=site.softcap,
                 rope_dims=site.rope.dims if site.rope is not None else 0,
                 qk_norm=site.qk_norm, cache_width=int(width),
                 latent="headsmith_cache_width" in site.node.meta, group=groups[site.layer]))

@@ -107,6 +107,11 @@ class AttentionSite:
         return int(self.node.kwargs.get("sinks", 0))  # type: ignore[arg-type]
 
     @property
+    def blocks(self) -> str:
+        """The block-sparse layout (:mod:`headsmith.block_sparse`; "" for none)."""
+        return str(self.node.kwargs.get("blocks", ""))
+
+    @property
     def scale(self) -> float:
         return float(self.node.kwargs.get("scale", 0.0))  # type: ignore[arg-type]
 
@@ -118,6 +123,8 @@ class AttentionSite:
     def kind(self) -> str:
         if not self.causal:
             return "bidirectional"
+        if self.blocks:
+            return "block-sparse"
         return "sliding" if self.window > 0 else "causal"
 
 

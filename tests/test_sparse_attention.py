@@ -128,7 +128,6 @@ def test_onnx_multi_token_steps_on_a_full_ring_run_token_by_token() -> None:
 @pytest.mark.parametrize(("spec", "message"), [
     ("sparse-attention(window=0)", "window must be >= 1"),
     ("sparse-attention(sinks=-1)", "sinks must be >= 0"),
-    ("sparse-attention(pattern=power)", "not built yet"),
     ("sparse-attention(pattern=duo, kv_budget=0)", "kv_budget is a fraction"),
     ("sparse-attention(pattern=razor, kv_budget=1.5)", "kv_budget is a fraction"),
     ("sparse-attention(pattern=razor, window=200, kv_budget=0.5)", "below what the streaming heads alone keep"),

@@ -65,10 +65,10 @@ def export_config(program: Program) -> dict[str, Any]:
                            "describes uniform layers only", "export with --backend instead")
     heads, kv_heads, _ = shapes.pop()
     text = config.get("text_config", config)
-    if any(la.sinks for la in spec.layers) or any(la.window and la.window != text.get("sliding_window")
-                                                   for la in spec.layers):
-        raise BackendError("the program's attention pattern (sparse-attention's sinks or windows) is not the one "
-                           f"{program.info.architecture}'s config describes", "export with --backend instead")
+    if any(la.sinks or la.blocks for la in spec.layers) or any(
+            la.window and la.window != text.get("sliding_window") for la in spec.layers):
+        raise BackendError("the program's attention pattern (sparse-attention's sinks, windows or block layouts) is "
+                           f"not the one {program.info.architecture}'s config describes", "export with --backend instead")
     if "num_key_value_heads" in text or "num_attention_heads" in text:
         if text.get("num_attention_heads", heads) != heads:
             text["num_attention_heads"] = heads

@@ -47,7 +47,7 @@ def fuse_kv_attention(gm: fx.GraphModule) -> int:
             fused = graph.call_function(attention_kv, (q, k_new, v_new, past_k, past_v, key_mask), {
                 "causal": kw.get("causal", True), "scale": kw.get("scale", 0.0), "window": kw.get("window", 0),
                 "sinks": kw.get("sinks", 0), "softcap": kw.get("softcap", 0.0), "layer": kw.get("layer", -1),
-                "n_heads": heads, "n_kv_heads": kv_heads})
+                "n_heads": heads, "n_kv_heads": kv_heads, "blocks": kw.get("blocks", "")})
             out = graph.call_function(operator.getitem, (fused, 0))
             present_k = graph.call_function(operator.getitem, (fused, 1))
             present_v = graph.call_function(operator.getitem, (fused, 2))

@@ -255,9 +255,9 @@ def fuse_rotary(gm: fx.GraphModule) -> int:
 # --- attention masks -------------------------------------------------------------------------------------
 
 def mask_bias(key_mask: torch.Tensor | None, q: torch.Tensor, k_len: Any, causal: bool, window: int,
-              sinks: int) -> torch.Tensor:
+              sinks: int, blocks: str = "") -> torch.Tensor:
     """The additive mask ``[B, 1, Tq, Tk]`` of ``headsmith.attention`` (traced into the exported graph)."""
-    bias = ops.attention_mask_bias(key_mask, q.shape[2], k_len, causal, window, sinks, q.dtype, q.device)
+    bias = ops.attention_mask_bias(key_mask, q.shape[2], k_len, causal, window, sinks, q.dtype, q.device, blocks)
     if bias is None:  # nothing masked: a zero bias keeps one code path
         bias = q.new_zeros((1, 1, q.shape[2], k_len))
     # always [B, 1, Tq, Tk], so a kernel can read the batch from it (the same node in every layer)
@@ -265,7 +265,7 @@ def mask_bias(key_mask: torch.Tensor | None, q: torch.Tensor, k_len: Any, causal
 
 
 def hoist_attention_masks(gm: fx.GraphModule) -> int:
-    """``attention_kv(..., key_mask, causal, window, sinks)`` -> ``attention_bias_kv(..., bias)`` with one
+    """``attention_kv(..., key_mask, causal, window, sinks, blocks)`` -> ``attention_bias_kv(..., bias)`` with one
     ``bias`` per distinct mask (all layers of a plain decoder share one; Gemma3's sliding and global layers
     two). Nodes whose head counts or head dims are not static are left alone."""
     graph = gm.graph
@@ -281,7 +281,8 @@ def hoist_attention_masks(gm: fx.GraphModule) -> int:
         if not isinstance(d, int) or not isinstance(dv, int) or not kw.get("n_heads") or not kw.get("n_kv_heads"):
             continue
         causal, window, sinks = bool(kw.get("causal", True)), int(kw.get("window", 0)), int(kw.get("sinks", 0))
-        key = (key_mask, causal, window, sinks) if key_mask is not None else (node, causal, window, sinks)
+        blocks = str(kw.get("blocks", ""))
+        key = (key_mask if key_mask is not None else node, causal, window, sinks, blocks)
         if key not in biases:  # built right before the first node that needs it (nodes are visited in order)
             with graph.inserting_before(node):
                 if key_mask is not None:
@@ -291,7 +292,7 @@ def hoist_attention_masks(gm: fx.GraphModule) -> int:
                     if past_k is not None:
                         k_len = graph.call_function(operator.add, (
                             graph.call_function(aten.sym_size.int, (past_k, 2)), k_len))
-                biases[key] = graph.call_function(mask_bias, (key_mask, q, k_len, causal, window, sinks))
+                biases[key] = graph.call_function(mask_bias, (key_mask, q, k_len, causal, window, sinks, blocks))
         scale = float(kw.get("scale", 0.0)) or 1.0 / math.sqrt(d)
         with graph.inserting_before(node):
             fused = graph.call_function(ATTENTION_BIAS_KV, (q, k, v, past_k, past_v, biases[key], scale,
@@ -363,8 +364,8 @@ def flatten_attention_heads(gm: fx.GraphModule, dense: bool = False) -> int:
     """Causal ``attention_bias_kv`` without softcap -> ``attention_bias_kv_bsd`` on ``[B,T,H*D]`` tensors: the
     view/transpose pairs around attention (and rotary) disappear, and onnxruntime's ``GroupQueryAttention``
     takes the tensors as the projections produce them. The caches keep their ``[B,H,T,D]`` layout. ``dense``
-    (the decode graph for steps without padding): layers without attention sinks drop the bias and pass the
-    window and the key mask (for its length) instead."""
+    (the decode graph for steps without padding): layers without attention sinks or a block layout drop the bias
+    and pass the window and the key mask (for its length) instead."""
     graph = gm.graph
     count = 0
     # a graph with cache inputs (decode) whose attention got no past concatenates its cache elsewhere
@@ -382,7 +383,8 @@ def flatten_attention_heads(gm: fx.GraphModule, dense: bool = False) -> int:
         hq, hkv = int(qs[1]), int(ks[1])
         q3, k3, v3 = (_as_bsd(graph, x, h, node) for x, h in ((q, hq), (k, hkv), (v, hkv)))
         extra: tuple[Any, ...] = ()
-        if dense and is_call(bias, mask_bias) and bias.args[0] is not None and bias.args[5] == 0:  # no sinks
+        if dense and is_call(bias, mask_bias) and bias.args[0] is not None and bias.args[5] == 0 \
+                and not bias.args[6]:  # no sinks, no block layout
             extra, bias = (int(bias.args[4]), bias.args[0]), None  # type: ignore[union-attr]
         with graph.inserting_before(node):
             fused = graph.call_function(ATTENTION_BIAS_KV_BSD, (q3, k3, v3, past_k, past_v, bias, scale, hq, hkv,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..block_sparse import BlockPattern
 from ..errors import BackendError
 from ..sites import ATTENTION
 from .onnx_contrib import contrib_opset
@@ -17,8 +18,29 @@ from .onnx_contrib import contrib_opset
 NEG = -3.4028234663852886e38  # most negative float32: masked scores (softmax never sees -inf)
 
 
+def _block_visible(q_pos: Any, k_pos: Any, blocks: str) -> Any:
+    """The rules of a block-sparse layout (:mod:`headsmith.block_sparse`) on int64 positions ``[T,1]`` / ``[1,Tk]``
+    (block distances up to 2^30)."""
+    from onnxscript import opset20 as op
+
+    pattern = BlockPattern.decode(blocks)
+    assert pattern is not None
+
+    def const(x: int) -> Any:
+        return op.Constant(value_int=x)
+    qb, kb = op.Div(q_pos, const(pattern.size)), op.Div(k_pos, const(pattern.size))  # positions >= 0: floor
+    d = op.Sub(qb, kb)
+    ok = op.Or(op.Less(d, const(pattern.local)), op.Less(kb, const(pattern.sink)))
+    if pattern.kind == "block" and pattern.stride > 0:
+        ok = op.Or(ok, op.Equal(op.Mod(op.Add(kb, const(1)), const(pattern.stride)), const(0)))
+    if pattern.kind == "power":  # d > 0 divides 2^30 (only powers of two do; TensorRT has no integer BitwiseAnd)
+        divides = op.Equal(op.Mod(const(1 << 30), op.Max(d, const(1))), const(0))
+        ok = op.Or(ok, op.And(op.Greater(d, const(0)), divides))
+    return ok
+
+
 def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool = True, scale: float = 0.0,
-                     window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1) -> Any:
+                     window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1, blocks: str = "") -> Any:
     """``headsmith.attention`` in opset-20 ops (see the module docstring)."""
     from onnxscript import opset20 as op
 
@@ -47,7 +69,7 @@ def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool 
         cap = op.CastLike(op.Constant(value_float=softcap), scores)
         scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
     allowed = None
-    if causal or window > 0:
+    if causal or window > 0 or blocks:
         tq_s = op.Squeeze(tq, zero)
         tk_s = op.Squeeze(tk, zero)
         q_pos = op.Add(op.Range(op.Constant(value_int=0), tq_s, op.Constant(value_int=1)), op.Sub(tk_s, tq_s))
@@ -60,6 +82,9 @@ def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool 
             if sinks > 0:
                 in_window = op.Or(in_window, op.Less(k_pos, op.Constant(value_int=sinks)))
             allowed = in_window if allowed is None else op.And(allowed, in_window)
+        if blocks:
+            shown = _block_visible(q_pos, k_pos, blocks)
+            allowed = shown if allowed is None else op.And(allowed, shown)
         allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[0, 1, 2]))  # [1,1,1,T,Tk]
     if key_mask is not None:
         keys = op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2, 3]))  # [B,1,1,1,Tk]
@@ -82,10 +107,11 @@ def _concat_or(past: Any, new: Any) -> Any:
 
 def _plain_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, key_mask: Any = None,
                         causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
-                        softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+                        softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0,
+                        blocks: str = "") -> Any:
     """``headsmith.attention_kv`` as ``Concat`` + the plain attention."""
     k_all, v_all = _concat_or(past_k, k), _concat_or(past_v, v)
-    out = _plain_attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer)
+    out = _plain_attention(q, k_all, v_all, key_mask, causal, scale, window, sinks, softcap, layer, blocks)
     return out, k_all, v_all
 
 
@@ -175,18 +201,20 @@ def _gqa_lengths(total: Any, batch: Any) -> tuple[Any, Any]:
 
 def _gqa_attention_kv(q: Any, k: Any, v: Any, past_k: Any = None, past_v: Any = None, key_mask: Any = None,
                       causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
-                      softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0) -> Any:
+                      softcap: float = 0.0, layer: int = -1, n_heads: int = 0, n_kv_heads: int = 0,
+                      blocks: str = "") -> Any:
     """``headsmith.attention_kv`` as onnxruntime's fused ``com.microsoft.GroupQueryAttention``.
 
     GQA is always causal, takes ``[B,T,H*D]`` inputs and appends the new K/V to the past itself. Left padding
     becomes an additive ``attention_bias[B,1,1,P+T]``; ``seqlens_k`` is ``P+T-1`` for every row. Layers GQA
-    cannot express (bidirectional, attention sinks, different K/V head dims) use the plain translation.
+    cannot express (bidirectional, attention sinks, block-sparse layouts, different K/V head dims) use the plain
+    translation.
     """
     from onnxscript import opset20 as op
 
-    if not causal or sinks > 0 or n_heads <= 0 or n_kv_heads <= 0:
+    if not causal or sinks > 0 or blocks or n_heads <= 0 or n_kv_heads <= 0:
         return _plain_attention_kv(q, k, v, past_k, past_v, key_mask, causal, scale, window, sinks, softcap, layer,
-                                   n_heads, n_kv_heads)
+                                   n_heads, n_kv_heads, blocks)
     msft = contrib_opset()
     flat = op.Constant(value_ints=[0, 0, -1])
     q3 = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), flat)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from ..block_sparse import BlockPattern
 from ..errors import BackendError
 
 if TYPE_CHECKING:
@@ -228,9 +229,10 @@ class Converters:
         return bb.emit(relax.op.add(y, bias)) if bias is not None else y
 
     # -- attention -------------------------------------------------------------------------------------
-    def _options(self, node: fx.Node, first_option: int) -> dict[str, Any]:
-        names = ("causal", "scale", "window", "sinks", "softcap", "layer")
-        defaults = {"causal": True, "scale": 0.0, "window": 0, "sinks": 0, "softcap": 0.0, "layer": -1}
+    def _options(self, node: fx.Node, first_option: int, kv: bool = False) -> dict[str, Any]:
+        names: tuple[str, ...] = ("causal", "scale", "window", "sinks", "softcap", "layer")
+        names += ("n_heads", "n_kv_heads", "blocks") if kv else ("blocks",)  # attention_kv's positional order
+        defaults = {"causal": True, "scale": 0.0, "window": 0, "sinks": 0, "softcap": 0.0, "layer": -1, "blocks": ""}
         values = dict(defaults)
         for name, value in zip(names, node.args[first_option:]):
             values[name] = value
@@ -275,7 +277,7 @@ class Converters:
                                "this graph caches something other than K and V; use --backend onnx")
         kc, vc = importer.env[node.args[3]], importer.env[node.args[4]]
         key_mask = node.args[5] if len(node.args) > 5 else node.kwargs.get("key_mask")
-        opts = self._options(node, 6)
+        opts = self._options(node, 6, kv=True)
         b, hq, tq, d = q.ty.shape
         if self.mask_node is None:
             raise BackendError("the decode graph has no attention_mask input")
@@ -309,7 +311,7 @@ class Converters:
             raise BackendError(f"attention: {hq} query heads are not a multiple of {hkv} key/value heads")
         scale = float(opts["scale"]) if float(opts["scale"]) > 0.0 else 1.0 / d ** 0.5
         config = (hq, hkv, d, dv, bool(opts["causal"]), int(opts["window"]), int(opts["sinks"]),
-                  float(opts["softcap"]), scale, has_mask, inplace)
+                  float(opts["softcap"]), scale, has_mask, inplace, str(opts["blocks"]))
         return self.kernel(importer, ("attention", *config), lambda: kernels.attention_cpu(*config))
 
 
@@ -326,8 +328,11 @@ def composed_attention(bb: Any, q: Any, k: Any, v: Any, mask: Any, opts: dict[st
     dv = v.ty.shape[3]
     rep = int(hq) // int(hkv)
     scale = float(opts["scale"]) if float(opts["scale"]) > 0.0 else 1.0 / int(d) ** 0.5
+    from . import tvm_kernels as kernels
+
     causal, window, sinks, softcap = bool(opts["causal"]), int(opts["window"]), int(opts["sinks"]), float(
         opts["softcap"])
+    pattern = BlockPattern.decode(str(opts.get("blocks", "")))
     qg = bb.emit(relax.op.reshape(q, [b, hkv, rep * tq, d]))
     scores = bb.emit(relax.op.matmul(qg, relax.op.permute_dims(k, [0, 1, 3, 2])))  # [B,Hkv,rep*T,TK]
 
@@ -347,6 +352,8 @@ def composed_attention(bb: Any, q: Any, k: Any, v: Any, mask: Any, opts: dict[st
                 if sinks > 0:
                     inside = tirx.any(inside, j < sinks)
                 ok = tirx.all(ok, inside)
+            if pattern is not None:
+                ok = tirx.all(ok, kernels.block_visible(pattern, qpos, j))
             return tirx.if_then_else(ok, x, tirx.const(NEG, "float32"))
         return te.compute(s.shape, value, name="masked_scores")
 

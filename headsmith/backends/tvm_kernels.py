@@ -14,8 +14,8 @@ unscheduled scalar loops, 25-100x slower than torch on this model class):
 - :func:`matmul_q` the same over block-quantised weights (4 or 8 bits, one scale and zero point per block),
   the codes of a tile interleaved byte by byte so they widen into NT lanes at once.
 - :func:`attention_cpu` the semantics of ``headsmith.attention`` (see ``headsmith/ops.py``): GQA by head
-  sharing, queries aligned to the end of the keys, causal, sliding window with sinks, key padding mask,
-  softcap, scale, all-masked rows giving the mean of v. Scores are computed for the visible key range only,
+  sharing, queries aligned to the end of the keys, causal, sliding window with sinks, block-sparse layouts,
+  key padding mask, softcap, scale, all-masked rows giving the mean of v. Scores are computed for the visible key range only,
   8 keys at a time (8 independent vector accumulators), then a vectorised exp pass and a weighted sum of
   v rows. With ``inplace`` the new keys/values are first written into the caller's cache buffers
   ``kc/vc[B,Hkv,C,D]`` at rows ``P..P+TQ`` and attention reads the cache (no concatenation copy).
@@ -31,6 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 from tvm.script import tirx as T
+
+from ..block_sparse import BlockPattern
 
 NEG = -3.4028234663852886e38  # most negative float32, the masked score of headsmith.attention
 KEY_BLOCK = 8  # keys whose dot products run together in the attention kernel
@@ -162,14 +164,28 @@ def matmul_q(n: int, k: int, bits: int, group: int, nt: int = NT, mb: int = MB) 
     return matmul
 
 
+def block_visible(pattern: BlockPattern | None, qpos: Any, j: Any) -> Any:
+    """The rules of a block-sparse layout (:mod:`headsmith.block_sparse`) as a TIR condition (True: no layout)."""
+    if pattern is None:
+        return True
+    qb, kb = T.floordiv(qpos, pattern.size), T.floordiv(j, pattern.size)
+    ok = T.Or(qb - kb < pattern.local, kb < pattern.sink)
+    if pattern.kind == "block" and pattern.stride > 0:
+        ok = T.Or(ok, T.floormod(kb + 1, pattern.stride) == 0)
+    if pattern.kind == "power":
+        ok = T.Or(ok, T.And(qb - kb > 0, T.bitwise_and(qb - kb, qb - kb - 1) == 0))
+    return ok
+
+
 def attention_cpu(hq: int, hkv: int, d: int, dv: int, causal: bool, window: int, sinks: int, softcap: float,
-                  scale: float, has_mask: bool, inplace: bool) -> Any:
+                  scale: float, has_mask: bool, inplace: bool, blocks: str = "") -> Any:
     """``(q, k, v, kc, vc, mask) -> (out[B,Hq,TQ,Dv], scratch[B*Hq, TK+8])`` for ``call_tir(_inplace)``.
 
     ``q[B,Hq,TQ,D]``, ``k[B,Hkv,TQ,D]``, ``v[B,Hkv,TQ,Dv]``, ``mask[B,TK]`` (bool; read only when
     ``has_mask``). With ``inplace``, ``kc/vc[B,Hkv,C,D]`` are the caches (``C >= TK``; the first
     ``P = TK - TQ`` rows hold the past) and receive k/v at rows ``P..TK``; otherwise pass k/v again as
-    kc/vc (then ``TK == TQ``). ``scale`` is the final softmax scale (never 0 here).
+    kc/vc (then ``TK == TQ``). ``scale`` is the final softmax scale (never 0 here). A block layout
+    (``blocks``) masks the keys it hides; their scores are still computed (a dense kernel).
     """
     rep = hq // hkv
     lanes = 8 if d % 8 == 0 else 4 if d % 4 == 0 else 1
@@ -178,6 +194,8 @@ def attention_cpu(hq: int, hkv: int, d: int, dv: int, causal: bool, window: int,
     win = window
     snk = sinks if window > 0 else 0
     kb = KEY_BLOCK
+    pattern = BlockPattern.decode(blocks)
+    has_blocks = pattern is not None
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, kc_h: T.handle, vc_h: T.handle, m_h: T.handle,
@@ -234,17 +252,21 @@ def attention_cpu(hq: int, hkv: int, d: int, dv: int, causal: bool, window: int,
                                                          T.min(jb * kb + kk, n - 1),
                                                          lo + T.min(jb * kb + kk, n - 1) - nsink), x0 * lanes + l]
                     for kk in T.unroll(kb):
+                        key = T.meta_var(T.if_then_else(T.min(jb * kb + kk, n - 1) < nsink, T.min(jb * kb + kk, n - 1),
+                                                        lo + T.min(jb * kb + kk, n - 1) - nsink))
                         red[0] = T.float32(0)
                         for l in T.unroll(lanes):
                             red[0] = red[0] + part[kk, l]
                         if use_cap:
                             red[0] = T.tanh(red[0] / T.float32(cap)) * T.float32(cap)
-                        if has_mask:
-                            red[0] = T.if_then_else(
-                                jb * kb + kk < n and mask[b, T.if_then_else(T.min(jb * kb + kk, n - 1) < nsink,
-                                                                            T.min(jb * kb + kk, n - 1),
-                                                                            lo + T.min(jb * kb + kk, n - 1) - nsink)],
-                                red[0], T.float32(NEG))
+                        if has_mask and has_blocks:
+                            red[0] = T.if_then_else(jb * kb + kk < n and mask[b, key] and block_visible(
+                                pattern, qpos, key), red[0], T.float32(NEG))
+                        elif has_mask:
+                            red[0] = T.if_then_else(jb * kb + kk < n and mask[b, key], red[0], T.float32(NEG))
+                        elif has_blocks:
+                            red[0] = T.if_then_else(jb * kb + kk < n and block_visible(pattern, qpos, key),
+                                                    red[0], T.float32(NEG))
                         else:
                             red[0] = T.if_then_else(jb * kb + kk < n, red[0], T.float32(NEG))
                         sc[bh, jb * kb + kk] = red[0]

@@ -61,7 +61,8 @@ def check_splittable(program: Program, site: AttentionSite, pattern: str) -> Non
 
 def split_layer(program: Program, site: AttentionSite, retrieval: list[int], window: int, sinks: int) -> str:
     """Split ``site`` (in place, on ``program``'s graph and weights) into the KV heads ``retrieval`` with their
-    current pattern and the rest with ``window`` / ``sinks``; returns ``full``, ``streaming`` or ``split``."""
+    current pattern and the rest with ``window`` / ``sinks`` (a block layout there gives way to the window: the
+    two are exclusive); returns ``full``, ``streaming`` or ``split``."""
     gm, graph, att = program.gm, program.gm.graph, site.node
     g, r = site.n_kv_heads, site.n_heads // site.n_kv_heads
     keep = sorted(set(retrieval))
@@ -70,7 +71,7 @@ def split_layer(program: Program, site: AttentionSite, retrieval: list[int], win
     if len(keep) == g:
         return "full"
     if not keep:
-        att.kwargs = {**att.kwargs, "window": stream_window, "sinks": sinks}
+        att.kwargs = {**att.kwargs, "window": stream_window, "sinks": sinks, "blocks": ""}
         return "streaming"
     order = keep + [h for h in range(g) if h not in keep]
     q_order = [h * r + j for h in order for j in range(r)]
@@ -86,7 +87,7 @@ def split_layer(program: Program, site: AttentionSite, retrieval: list[int], win
         groups = []
         for lo_q, hi_q, lo_kv, hi_kv, kw in ((0, a * r, 0, a, dict(att.kwargs)),
                                              (a * r, g * r, a, g, {**att.kwargs, "window": stream_window,
-                                                                   "sinks": sinks})):
+                                                                   "sinks": sinks, "blocks": ""})):
             parts = [graph.call_function(aten.slice.Tensor, (x, 1, lo, hi))
                      for x, lo, hi in ((q, lo_q, hi_q), (k, lo_kv, hi_kv), (v, lo_kv, hi_kv))]
             groups.append(graph.call_function(ATTENTION, (*parts, *rest), kw))

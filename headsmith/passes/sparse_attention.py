@@ -1,5 +1,5 @@
-"""``sparse-attention(pattern=streaming|duo|razor, window=W, sinks=S, kv_budget=F)``: attention sinks + a sliding
-window, for every head or per head. Lossy.
+"""``sparse-attention(pattern=streaming|duo|razor|block|power, ...)``: attention sinks + a sliding window, for
+every head or per head, or a static block-sparse layout. Lossy.
 
 StreamingLLM (Xiao et al., 2023) observes that the first few tokens of a text receive a large share of every
 head's attention whatever they say ("attention sinks"): a sliding window alone collapses once they leave it,
@@ -30,6 +30,19 @@ their full cache (retrieval heads), the others stream with ``window`` / ``sinks`
 ``kv_budget``: the fraction of the full model's KV bytes at ``context`` tokens (a streaming head holds
 ``min(context, S + W)`` tokens, a retrieval head all of them, so at longer contexts the fraction only falls). Each
 layer then splits into two head groups (:mod:`headsmith.passes.head_groups`), each with its own cache entries.
+
+**Block-sparse layouts** (``pattern=block`` / ``pattern=power``, :mod:`headsmith.block_sparse`): the text is cut
+into blocks of ``block`` tokens and a query block sees only some key blocks: its own and the ``local - 1``
+before it, the first ``sink_blocks``, and either every ``stride``-th block (``block``: local + global + strided,
+Phi-3-small's layout) or the blocks at power-of-two distances (``power``: PowerAttention, whose receptive field
+doubles with every layer, so a deep model still reaches every token)::
+
+    attention(q, k, v, mask, causal=True)      ->      attention(q, k, v, mask, causal=True, blocks="power:64:1:1:0")
+
+Layers with a window of their own (Gemma3's local layers) keep it. The layout is a prefill saving: its work
+falls with the fraction of block pairs visible (:meth:`BlockPattern.density`) on an engine whose kernel skips
+the hidden blocks (the torch engine's FlexAttention); decode steps still keep and read the whole cache, since
+a later query may see any block again (``power``) or the strided ones (``block``).
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..block_sparse import BlockPattern
 from ..corpus import retrieval_samples
 from ..errors import PassError
 from ..program import Program
@@ -49,8 +63,8 @@ from .head_groups import check_splittable, split_layer
 from .razor import razor_scores
 from .structure import refresh_values
 
-PATTERNS = ("streaming", "duo", "razor")
-PLANNED = ("moa", "block", "power")
+PATTERNS = ("streaming", "duo", "razor", "block", "power")
+PLANNED = ("moa",)
 
 
 @dataclass(frozen=True)
@@ -76,11 +90,19 @@ class SparseAttention(Pass):
     """duo / razor: tokens per calibration row (duo: passkey rows; razor: two copies of half as many)."""
     steps: int = 32
     """duo: gate-training steps (one row each)."""
+    block: int = 64
+    """block / power: tokens per block."""
+    local: int = 0
+    """block / power: blocks of local attention, the query's own included (0: 4 for block, 1 for power)."""
+    sink_blocks: int = 1
+    """block / power: first blocks every query sees."""
+    stride: int = -1
+    """block: every ``stride``-th block is visible from everywhere (-1: 8; 0: none)."""
 
     def __post_init__(self) -> None:
         if self.pattern in PLANNED:
-            raise ValueError(f"pattern={self.pattern} is not built yet (per-head and block-sparse patterns are "
-                             "planned); use pattern=streaming")
+            raise ValueError(f"pattern={self.pattern} is not built yet (MoA's per-head windows are planned); "
+                             "use pattern=duo or razor for per-head policies")
         if self.pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {self.pattern!r}; choose one of {', '.join(PATTERNS)}")
         if self.window < 1:
@@ -91,12 +113,24 @@ class SparseAttention(Pass):
             raise ValueError(f"kv_budget is a fraction of the full KV bytes in (0, 1], got {self.kv_budget}")
         if self.context < 0 or self.calibration_length < 16 or self.steps < 1:
             raise ValueError("context must be >= 0 (0: the model's positions), calibration_length >= 16, steps >= 1")
+        if self.pattern in ("block", "power"):
+            self.layout()  # checks block / local / sink_blocks / stride
+        elif self.stride != -1:
+            raise ValueError("stride is an option of pattern=block")
+
+    def layout(self) -> BlockPattern:
+        """The block layout of ``pattern=block|power``."""
+        local = self.local or (4 if self.pattern == "block" else 1)
+        stride = (8 if self.pattern == "block" else 0) if self.stride == -1 else self.stride
+        return BlockPattern(self.pattern, self.block, local, self.sink_blocks, stride)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         if program.info.task != "causal-lm":
             raise PassError(f"sparse-attention(pattern={self.pattern}) is a decoder pattern; "
                             f"{program.info.architecture} is a bidirectional encoder",
                             "apply it to a causal LM")
+        if self.pattern in ("block", "power"):
+            return self._blocks(program, ctx)
         if self.pattern != "streaming":
             return self._per_head(program, ctx)
         new = program.clone()
@@ -106,7 +140,7 @@ class SparseAttention(Pass):
                 continue
             old = int(node.kwargs.get("window", 0))  # type: ignore[arg-type]
             window = min(old, self.window) if old > 0 else self.window
-            node.kwargs = {**node.kwargs, "window": window, "sinks": self.sinks}
+            node.kwargs = {**node.kwargs, "window": window, "sinks": self.sinks, "blocks": ""}
             layers.append({"layer": int(node.kwargs.get("layer", count)), "window": window,  # type: ignore[arg-type]
                            "sinks": self.sinks, "was_window": old})
             count += 1
@@ -115,6 +149,31 @@ class SparseAttention(Pass):
         new.gm.recompile()
         new._shapes = None
         return PassResult(new, modified=True, count=count, report={"pattern": self.pattern, "layers": layers})
+
+    def _blocks(self, program: Program, ctx: PassContext) -> PassResult:
+        layout = self.layout()
+        new = program.clone()
+        layers, kept = [], []
+        for node in attention_nodes(new.gm.graph):
+            layer = int(node.kwargs.get("layer", -1))  # type: ignore[arg-type]
+            if not bool(node.kwargs.get("causal", True)):
+                continue
+            if int(node.kwargs.get("window", 0)) > 0:  # type: ignore[arg-type]
+                kept.append(layer)
+                continue
+            node.kwargs = {**node.kwargs, "blocks": layout.encode()}
+            layers.append(layer)
+        if not layers:
+            raise PassError(f"sparse-attention(pattern={self.pattern}) found no causal full-attention layer (layers "
+                            f"with their own window keep it: {sorted(set(kept))})", "apply it to a causal LM")
+        new.gm.recompile()
+        new._shapes = None
+        tokens = program.info.max_positions or 8192
+        ctx.say(f"sparse-attention({layout.describe()}): {len(layers)} layers; {layout.density(tokens):.1%} of the "
+                f"causal block pairs visible at {tokens} tokens")
+        return PassResult(new, modified=True, count=len(layers), report={
+            "pattern": self.pattern, "blocks": layout.encode(), "layers": layers, "windowed_layers": kept,
+            "density": {str(t): round(layout.density(t), 4) for t in (2048, 4096, 8192)}})
 
     # ---- per-head policies ---------------------------------------------------------------------
     def _per_head(self, program: Program, ctx: PassContext) -> PassResult:
