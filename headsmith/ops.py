@@ -17,8 +17,11 @@ Semantics (those of ONNX ``Attention`` opset 23 and onnxruntime's ``GroupQueryAt
   the query's own included), except that the first ``sinks`` keys stay visible (attention sinks).
 - ``blocks`` (a block-sparse layout, :mod:`headsmith.block_sparse`; "" for none): additionally the key's block
   must be visible from the query's (key ``j`` and query ``i`` sit in blocks ``j // b`` and ``(i + Tk - Tq) // b``).
-  Exclusive with ``window``. The reference runs a long causal prefill with FlexAttention, which skips the
-  invisible blocks; every other shape runs the dense masked kernel.
+  Exclusive with ``window``.
+
+The reference kernel is SDPA with the additive mask, except for an unpadded causal prefill (``Tq == Tk``, no
+window): SDPA's own causal kernel, and FlexAttention for a long one with a block layout; both skip the hidden
+tiles.
 - ``scale``: the softmax scale; ``0.0`` means ``1 / sqrt(D)``. ``softcap > 0`` applies
   ``softcap * tanh(scores / softcap)`` before masking.
 - A query row whose keys are all masked gets the mean of ``v`` (masked scores are the most negative
@@ -91,7 +94,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
         raise ValueError("attention: a block-sparse layout and a sliding window are exclusive")
     sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
     pattern = block_sparse.BlockPattern.decode(blocks)
-    if pattern is not None and causal and tq == tk and (key_mask is None or bool(key_mask.all())):
+    unpadded = key_mask is None or bool(key_mask.all())
+    if causal and tq == tk and unpadded and window == 0 and softcap == 0.0:  # a prefill: kernels that skip work
+        if pattern is None:  # SDPA's causal kernel skips the tiles above the diagonal (an explicit mask does not)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=sm_scale, enable_gqa=hq != hkv).contiguous()
         out = block_sparse.flex_prefill(q, k, v, pattern, sm_scale, softcap)
         if out is not None:
             return out.contiguous()
