@@ -332,6 +332,9 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Use the chat template (default: if any).")] = None,
+    draft: Annotated[str | None, typer.Option("--draft", help="Speculative decoding with this draft: ngram (prompt "
+                                                             "lookup). Same output as without.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adapts to the acceptance).")] = 4,
 ) -> None:
     """Generate text from an artifact, streaming tokens as they come."""
     from .runtime.engine import engine_for
@@ -356,9 +359,14 @@ def run(
         out.file.flush()
         shown[row] = len(text)
 
-    result = generate(engine, prompts, config, stream=stream)
+    result = generate(engine, prompts, config, stream=stream, draft=draft, k=k)
     if len(prompts) == 1:
         out.print()
+    if draft is not None:
+        st = result.stats
+        err.print(f"draft {draft}: {st['accepted']} of {st['drafted']} drafted tokens accepted "
+                  f"({st['acceptance']:.0%}), {st['mean_accepted']:.2f} per step, {result.decode_steps} verify steps, "
+                  f"{result.decode_tokens_per_second:.1f} tok/s", highlight=False)
     else:
         for p, toks in zip(prompt, result.tokens):
             out.print(f"[bold]{p}[/bold]", highlight=False)

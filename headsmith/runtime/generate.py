@@ -75,10 +75,8 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
     return ids, mask
 
 
-def choose(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
-    """Next token per row from last-position logits ``[B, V]``."""
-    if config.temperature == 0.0:
-        return logits.argmax(-1)
+def distribution(logits: Tensor, config: GenerationConfig) -> Tensor:
+    """The sampling distribution ``[B, V]`` of last-position logits: temperature, then top-k, then top-p."""
     scores = logits.float() / config.temperature
     if config.top_k > 0:
         k = min(config.top_k, scores.shape[-1])
@@ -91,14 +89,26 @@ def choose(logits: Tensor, config: GenerationConfig, generator: torch.Generator 
         drop = cumulative - probs > config.top_p  # keep the token that crosses p
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(scores, dim=-1)
+
+
+def choose(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """Next token per row from last-position logits ``[B, V]``."""
+    if config.temperature == 0.0:
+        return logits.argmax(-1)
+    return torch.multinomial(distribution(logits, config), 1, generator=generator).squeeze(-1)
 
 
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
-             stream: Callable[[int, int], None] | None = None, pad_id: int | None = None) -> GenerationResult:
-    """Generate continuations of token-id ``prompts`` (see the module docstring)."""
+             stream: Callable[[int, int], None] | None = None, pad_id: int | None = None,
+             draft: Any = None, k: int = 4) -> GenerationResult:
+    """Generate continuations of token-id ``prompts`` (see the module docstring). ``draft`` (``"ngram"`` or a
+    :class:`~headsmith.runtime.speculative.Draft`): speculative decoding with ``k`` drafted tokens per step
+    (adaptive), the same output as without it (greedy) or the same distribution (sampling)."""
     config = config if config is not None else GenerationConfig()
+    if draft is not None:
+        from .speculative import speculative_generate  # it builds on this module's helpers
+        return speculative_generate(engine, prompts, config, draft, k=k, stream=stream, pad_id=pad_id)
     info = engine.info
     if info.task != "causal-lm":
         raise HeadsmithError(f"{info.architecture} is an encoder: it cannot generate text",
