@@ -1,6 +1,7 @@
 """Block-sparse prefill on SmolLM2-135M: full attention against PowerAttention's and the local + strided layout.
 
     python benchmarks/block_sparse.py [--contexts 2048,4096,8192] [--rows full,power,block] [--onnx] [--json F]
+                                      [--plot F.png] [--replot F.json]
 
 Rows (``sparse-attention(pattern=...)``, converted with ``--backend torch`` once into out/ and reused):
 
@@ -88,13 +89,46 @@ def measure(label: str, contexts: list[int], texts: dict[str, torch.Tensor], onn
     return rows
 
 
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Prefill speed-up and perplexity ratio against the context, one line per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in dict.fromkeys(r["row"] for r in rows if r["row"] != "full"):
+        mine = [r for r in rows if r["row"] == label and "prefill_x" in r]
+        xs = [r["context"] for r in mine]
+        left.plot(xs, [r["prefill_x"] for r in mine], "o-", label=f"{label}: torch (FlexAttention)")
+        if any("onnx_prefill_x" in r for r in mine):
+            left.plot(xs, [r.get("onnx_prefill_x") for r in mine], "x--", label=f"{label}: ONNX Runtime (dense mask)")
+        right.plot(xs, [r.get("ppl_john_x") for r in mine], "o-", label=f"{label}: John")
+        right.plot(xs, [r.get("ppl_gpl3_x") for r in mine], "s--", label=f"{label}: GPL-3")
+    left.axhline(1.0, color="grey", lw=0.8)
+    right.axhline(1.0, color="grey", lw=0.8)
+    left.set(xlabel="context (tokens)", ylabel="prefill speed-up over full attention", xscale="log")
+    right.set(xlabel="context (tokens)", ylabel="perplexity / full attention's", xscale="log")
+    for ax in (left, right):
+        ax.set_xticks(sorted({r["context"] for r in rows}), [str(c) for c in sorted({r["context"] for r in rows})])
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: block-sparse prefill layouts (2 threads, fp32)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="2048,4096,8192")
     ap.add_argument("--rows", default=",".join(SPECS))
     ap.add_argument("--onnx", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="write the speed-up / perplexity plot here")
+    ap.add_argument("--replot", default=None, help="only plot the rows of an earlier --json")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["rows"], args.plot or "block_sparse.png")
+        return
     contexts = [int(c) for c in args.contexts.split(",")]
     torch.set_num_threads(2)
     labels = args.rows.split(",")
@@ -124,6 +158,8 @@ def main() -> None:
     if args.onnx:
         columns += [("onnx_prefill_s", "ORT prefill s", ".2f"), ("onnx_prefill_x", "ORT speedup", ".2f")]
     print(table(rows, columns))
+    if args.plot:
+        plot(rows, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=1)

@@ -105,7 +105,7 @@ _flex_broken = False
 
 
 @functools.cache
-def _compiled_flex():  # noqa: ANN202
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=True)
 
@@ -120,7 +120,7 @@ def _tile(pattern: BlockPattern) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _block_mask(pattern: BlockPattern, tokens: int, tile: int, device: str):  # noqa: ANN202
+def _block_mask(pattern: BlockPattern, tokens: int, tile: int, device: str):
     """The layout as FlexAttention's tile lists: a tile is either wholly visible or wholly hidden (the tile
     divides the layout's block), so only the diagonal tiles need the (causal) mask per element and the
     hidden ones are never computed."""

@@ -467,6 +467,9 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also time HF transformers.")] = True,
+    draft: Annotated[str | None, typer.Option("--draft", help="Also time speculative decoding with this draft "
+                                                             "(ngram) against plain decoding.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adaptive).")] = 4,
 ) -> None:
     """Prefill/decode tokens/s per context, KV bytes/token, peak RSS, vs HF transformers and the bandwidth bound."""
     from .runtime.bench import plot, run_bench
@@ -489,7 +492,7 @@ def bench(
     kv = art.spec.kv_bytes_per_token(4)
     with status("benchmarking", quiet=as_json):
         result = run_bench(engine, art.tokenizer, ctx_list, new_tokens, int(art.manifest["decode_weight_bytes"]), kv,
-                           source, progress=None if as_json else _progress(False))
+                           source, progress=None if as_json else _progress(False), draft=draft, k=k)
     if plot_path is not None:
         plot(result, str(plot_path))
     if as_json:
@@ -508,13 +511,25 @@ def print_bench(result: dict[str, Any]) -> None:
     for c in cols:
         table.add_column(c, justify="right")
     for r in result["contexts"]:
-        row = [str(r["context"]), f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['bound_tok_s']:.1f}",
+        row = [str(r["context"]), f"{r['prefill_tok_s']:.0f}", f"{r.get('step_decode_tok_s', r['decode_tok_s']):.1f}",
+               f"{r['bound_tok_s']:.1f}",
                f"{r['fraction_of_bound']:.0%}"]
         if has_hf:
             row += [f"{r['hf_prefill_tok_s']:.0f}", f"{r['hf_decode_tok_s']:.1f}", f"{r['hf_fraction_of_bound']:.0%}",
                     f"{r['ratio_vs_hf']:.2f}x"]
         table.add_row(*row)
     out.print(table)
+    if result.get("draft"):
+        spec = Table(title=f"speculative decoding, draft {result['draft']} (greedy generate, {result['new_tokens']} "
+                           "tokens)")
+        for c in ("context", "plain tok/s", "speculative tok/s", "speed-up", "acceptance", "accepted/step",
+                  "= plain"):
+            spec.add_column(c, justify="right")
+        for r in result["contexts"]:
+            spec.add_row(str(r["context"]), f"{r['plain_decode_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
+                         f"{r['speedup']:.2f}x", f"{r['acceptance']:.0%}", f"{r['mean_accepted']:.2f}",
+                         "yes" if r["lossless"] else "NO")
+        out.print(spec)
     out.print(f"weights read per token {result['weight_bytes'] / 1e6:.1f} MB, KV cache {result['kv_bytes_per_token']:,} "
               f"bytes/token (fp32), peak RSS {result['peak_rss_mb']:.0f} MB", highlight=False)
 

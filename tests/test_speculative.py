@@ -199,3 +199,32 @@ def test_cli_run_with_a_draft(capsys: pytest.CaptureFixture[str], tmp_path: obje
                                       "--draft", "ngram"])
     assert result.exit_code == 0, result.output
     assert "drafted tokens accepted" in result.output
+
+
+def test_bench_reports_the_draft_side_by_side() -> None:
+    from headsmith.runtime.bench import run_bench
+
+    engine = TorchEngine.from_program(tiny_program("llama"))
+    result = run_bench(engine, None, [24], 12, 1_000_000, 1024, repeats=1, draft="ngram", k=3)
+    row = result["contexts"][0]
+    assert {"decode_tok_s", "plain_decode_tok_s", "speedup", "acceptance", "mean_accepted"} <= set(row)
+    assert row["lossless"] and row["speedup"] > 0 and result["draft"] == "ngram"
+
+
+def test_adaptive_k_falls_back_to_plain_decoding_when_the_draft_is_wrong() -> None:
+    """A draft that is never right: k falls 4, 3, 2, 1, 0 and the steps are plain decoding from then on (its
+    shadow proposals are checked for free); output still equals plain greedy."""
+
+    @dataclass
+    class WrongDraft:
+        name: str = "wrong"
+
+        def propose(self, history: list[int], k: int) -> list[int]:
+            return [(history[-1] + 1 + i) % 128 for i in range(k)]
+
+    engine = TorchEngine.from_program(tiny_program("llama"))
+    config = GenerationConfig(max_new_tokens=40, stop_tokens=())
+    plain = generate(engine, PROMPTS[:1], config).tokens
+    result = speculative_generate(engine, PROMPTS[:1], config, WrongDraft(), k=4)
+    assert result.tokens == plain
+    assert result.stats["drafted"] <= 4 + 3 + 2 + 1 + 4  # a lucky shadow may bring k back once or twice

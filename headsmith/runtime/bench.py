@@ -109,11 +109,32 @@ def time_hf(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats:
     return Timing(ids.numel() / one, new_tokens * ids.shape[0] / max(many - one, 1e-9))
 
 
+def time_draft(engine: Engine, ids: torch.Tensor, new_tokens: int, draft: str, k: int, repeats: int = 1
+               ) -> dict[str, Any]:
+    """Greedy ``generate`` of ``new_tokens`` after ``ids`` without and with speculative decoding (``draft``),
+    alternated, the best of ``repeats`` each: both through the same generation loop, so the ratio is like for like."""
+    from .generate import GenerationConfig, generate
+
+    config = GenerationConfig(max_new_tokens=new_tokens + 1, stop_tokens=())
+    prompt = [ids[0].tolist()]
+    plain_s, spec_s, plain, spec = float("inf"), float("inf"), None, None
+    for _ in range(repeats):
+        plain = generate(engine, prompt, config)
+        spec = generate(engine, prompt, config, draft=draft, k=k)
+        plain_s, spec_s = min(plain_s, plain.decode_seconds), min(spec_s, spec.decode_seconds)
+    assert plain is not None and spec is not None
+    return {"plain_decode_tok_s": new_tokens / plain_s, "decode_tok_s": new_tokens / spec_s,
+            "speedup": plain_s / spec_s, "acceptance": spec.stats["acceptance"],
+            "mean_accepted": spec.stats["mean_accepted"], "lossless": spec.tokens == plain.tokens}
+
+
 def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: int, weight_bytes: int,
               kv_bytes_per_token: int, hf_model: torch.nn.Module | None = None,
-              progress: Any = None, repeats: int = 3) -> dict[str, Any]:
+              progress: Any = None, repeats: int = 3, draft: str | None = None, k: int = 4) -> dict[str, Any]:
     """The report (see the module docstring); each speed is the best of ``repeats`` runs, as the bandwidth is
-    the best of several, since the machine may be shared."""
+    the best of several, since the machine may be shared. ``draft``: per context also plain and speculative
+    greedy generation of ``new_tokens`` (:func:`time_draft`); ``decode_tok_s`` is then the speculative one and
+    ``step_decode_tok_s`` the single-token steps'."""
     bandwidth = measure_bandwidth()
     rows = []
     warm = prompt_tokens(tokenizer, 16, engine.info.vocab_size)
@@ -128,6 +149,9 @@ def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: i
         rows.append({"context": c, "prefill_tok_s": timing.prefill_tok_s, "decode_tok_s": timing.decode_tok_s,
                      "bytes_per_token": bytes_per_token, "bound_tok_s": bound,
                      "fraction_of_bound": timing.decode_tok_s / bound})
+        if draft is not None:
+            rows[-1]["step_decode_tok_s"] = timing.decode_tok_s
+            rows[-1].update(time_draft(engine, ids, new_tokens, draft, k, repeats))
     engine_rss = peak_rss_mb()
     if hf_model is not None:
         time_hf(hf_model, warm, 2)
@@ -137,9 +161,9 @@ def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: i
             ids = prompt_tokens(tokenizer, row["context"], engine.info.vocab_size)
             hf = time_hf(hf_model, ids, new_tokens, repeats)
             row.update(hf_prefill_tok_s=hf.prefill_tok_s, hf_decode_tok_s=hf.decode_tok_s,
-                       ratio_vs_hf=row["decode_tok_s"] / hf.decode_tok_s,
+                       ratio_vs_hf=row.get("step_decode_tok_s", row["decode_tok_s"]) / hf.decode_tok_s,
                        hf_fraction_of_bound=hf.decode_tok_s / row["bound_tok_s"])
-    return {"backend": engine.name, "contexts": rows, "new_tokens": new_tokens, "repeats": repeats,
+    return {"backend": engine.name, "contexts": rows, "new_tokens": new_tokens, "repeats": repeats, "draft": draft,
             "bandwidth_gb_s": bandwidth,
             "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token,
             "peak_rss_mb": engine_rss, "peak_rss_with_hf_mb": peak_rss_mb(), "threads": torch.get_num_threads()}

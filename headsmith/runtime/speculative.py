@@ -22,7 +22,9 @@ they have evicted a token and are refused.
 Drafts (:class:`Draft`): ``ngram`` (prompt lookup, Saxena 2023): the row's latest n-gram, found earlier in its
 prompt or output, proposes the tokens that followed it there; no model, so its cost is nil and its worst case is
 plain decoding plus the verify's extra positions. ``k`` adapts to the acceptance when ``adaptive``: +2 after a fully
-accepted draft, -1 after a rejection, within 1..``max_k``.
+accepted draft, -1 after a rejection, within 0..``max_k``; at 0 the steps are plain decoding, and the draft still
+proposes one token in the shadow (free for ``ngram``): the first step whose shadow the target confirms brings k
+back to 1, so where the draft never helps the cost is that of plain decoding.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
         t0 = time.perf_counter()
         drafts = [[] if done[r] else drafter.propose(history[r], min(k, config.max_new_tokens - len(out[r]) - 1))
                   for r in range(b)]
+        shadow = [[] if done[r] else drafter.propose(history[r], 1) for r in range(b)] if adaptive and k == 0 else []
         stats.draft_seconds += time.perf_counter() - t0
         if any(not 0 <= t < info.vocab_size for d in drafts for t in d):
             raise HeadsmithError(f"draft {drafter.name} proposed token ids outside the target's vocabulary of "
@@ -216,8 +219,9 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
         for r in range(b):
             if not done[r]:
                 emit(r, kept[r])
-        if adaptive:
-            full = all(accepted[r] == len(drafts[r]) for r in range(b) if drafts[r])
-            k = min(max_k, k + 2) if full and width else max(1, k - 1) if width else k
+        if adaptive and width:
+            k = min(max_k, k + 2) if all(accepted[r] == len(drafts[r]) for r in range(b) if drafts[r]) else k - 1
+        elif adaptive and k == 0 and any(sh and kept[r][:1] == sh for r, sh in enumerate(shadow)):
+            k = 1
     decode_s = time.perf_counter() - decode_start
     return GenerationResult(out, [len(p) for p in prompts], prefill_s, decode_s, stats.steps, stats.as_dict())
