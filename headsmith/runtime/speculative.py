@@ -23,8 +23,8 @@ Drafts (:class:`Draft`): ``ngram`` (prompt lookup, Saxena 2023): the row's lates
 prompt or output, proposes the tokens that followed it there; no model, so its cost is nil and its worst case is
 plain decoding plus the verify's extra positions. ``k`` adapts to the acceptance when ``adaptive``: +2 after a fully
 accepted draft, -1 after a rejection, within 0..``max_k``; at 0 the steps are plain decoding, and the draft still
-proposes one token in the shadow (free for ``ngram``): the first step whose shadow the target confirms brings k
-back to 1, so where the draft never helps the cost is that of plain decoding.
+proposes one token in the shadow (free for ``ngram``): the first step where the target confirms every live row's
+shadow brings k back to 1, so where the draft never helps the cost is that of plain decoding.
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
                 emit(r, kept[r])
         if adaptive and width:
             k = min(max_k, k + 2) if all(accepted[r] == len(drafts[r]) for r in range(b) if drafts[r]) else k - 1
-        elif adaptive and k == 0 and any(sh and kept[r][:1] == sh for r, sh in enumerate(shadow)):
-            k = 1
+        elif adaptive and k == 0 and all(kept[r][:1] == sh for r, sh in enumerate(shadow) if not done[r]) \
+                and any(shadow):
+            k = 1  # every live row's shadow confirmed: a verify step pays for all rows
     decode_s = time.perf_counter() - decode_start
     return GenerationResult(out, [len(p) for p in prompts], prefill_s, decode_s, stats.steps, stats.as_dict())
