@@ -110,6 +110,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     right.set(xlabel="context (tokens)", ylabel="perplexity / full attention's", xscale="log")
     for ax in (left, right):
         ax.set_xticks(sorted({r["context"] for r in rows}), [str(c) for c in sorted({r["context"] for r in rows})])
+        ax.set_xticks([], minor=True)
         ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M: block-sparse prefill layouts (2 threads, fp32)")
     fig.tight_layout()
