@@ -99,6 +99,22 @@ def choose(logits: Tensor, config: GenerationConfig, generator: torch.Generator 
     return torch.multinomial(distribution(logits, config), 1, generator=generator).squeeze(-1)
 
 
+def prepare(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int | None
+            ) -> tuple[set[int], int, Tensor, Tensor, Tensor, torch.Generator | None]:
+    """What a generation loop starts from: stop tokens, pad id, left-padded ``ids`` / ``mask``, positions (real
+    tokens only) and the seeded generator; refuses encoders."""
+    info = engine.info
+    if info.task != "causal-lm":
+        raise HeadsmithError(f"{info.architecture} is an encoder: it cannot generate text",
+                             "use `headsmith eval` for encoders")
+    stops = set(info.eos_token_ids if config.stop_tokens is None else config.stop_tokens)
+    pad = pad_id if pad_id is not None else (info.pad_token_id if info.pad_token_id is not None else 0)
+    ids, mask = pad_left(prompts, pad)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    return stops, pad, ids, mask, positions, generator
+
+
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
              stream: Callable[[int, int], None] | None = None, pad_id: int | None = None,
              draft: Any = None, k: int = 4) -> GenerationResult:
@@ -109,16 +125,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], config: Generatio
     if draft is not None:
         from .speculative import speculative_generate  # it builds on this module's helpers
         return speculative_generate(engine, prompts, config, draft, k=k, stream=stream, pad_id=pad_id)
-    info = engine.info
-    if info.task != "causal-lm":
-        raise HeadsmithError(f"{info.architecture} is an encoder: it cannot generate text",
-                             "use `headsmith eval` for encoders")
-    stops = set(info.eos_token_ids if config.stop_tokens is None else config.stop_tokens)
-    pad = pad_id if pad_id is not None else (info.pad_token_id if info.pad_token_id is not None else 0)
-    ids, mask = pad_left(prompts, pad)
+    stops, pad, ids, mask, positions, generator = prepare(engine, prompts, config, pad_id)
     b = ids.shape[0]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     if config.max_new_tokens == 0:

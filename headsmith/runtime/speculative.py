@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..errors import HeadsmithError
 from .engine import Engine
-from .generate import GenerationConfig, GenerationResult, distribution, pad_left
+from .generate import GenerationConfig, GenerationResult, distribution, prepare
 
 
 class Draft(Protocol):
@@ -142,14 +142,8 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
     if k < 1 or max_k < k:
         raise HeadsmithError(f"speculative decoding needs 1 <= k <= max_k, got k={k}, max_k={max_k}")
     info = engine.info
-    if info.task != "causal-lm":
-        raise HeadsmithError(f"{info.architecture} is an encoder: it cannot generate text")
-    stops = set(info.eos_token_ids if config.stop_tokens is None else config.stop_tokens)
-    pad = pad_id if pad_id is not None else (info.pad_token_id if info.pad_token_id is not None else 0)
-    ids, mask = pad_left(prompts, pad)
+    stops, pad, ids, mask, positions, generator = prepare(engine, prompts, config, pad_id)
     b = ids.shape[0]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     out: list[list[int]] = [[] for _ in range(b)]
     history = [list(p) for p in prompts]
     stats = SpeculativeStats()
