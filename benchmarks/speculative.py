@@ -1,7 +1,7 @@
 """Speculative decoding on SmolLM2-135M-Instruct: the prompt-lookup draft against plain decoding, same engine, same run.
 
-    python benchmarks/speculative.py [--backend onnx] [--ks 2,4,6,adaptive] [--batches 1,4] [--new-tokens 96]
-                                     [--json F]
+    python benchmarks/speculative.py [--backend onnx] [--onnx-attention plain] [--ks 2,4,6,adaptive]
+                                     [--batches 1,4] [--new-tokens 96] [--json F]
 
 Two prompt sets, through the chat template, greedy:
 
@@ -64,13 +64,16 @@ def prompt_sets() -> dict[str, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="onnx")
+    ap.add_argument("--onnx-attention", default=None, help="ONNX lowering (plain: one verify call at batch > 1)")
     ap.add_argument("--ks", default="2,4,6,adaptive")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    art = read_artifact(artifact(MODEL, args.backend))
+    options = {"attention": args.onnx_attention} if args.onnx_attention else None
+    name = f"{MODEL}-{args.backend}" + (f"-{args.onnx_attention}" if args.onnx_attention else "")
+    art = read_artifact(artifact(MODEL, args.backend, name=name, options=options))
     engine = engine_for(art, threads=2)
     config = GenerationConfig(max_new_tokens=args.new_tokens, stop_tokens=None)
     rows = []
