@@ -1,7 +1,8 @@
 """Speculative decoding on SmolLM2-135M-Instruct: the prompt-lookup draft against plain decoding, same engine, same run.
 
     python benchmarks/speculative.py [--backend onnx] [--onnx-attention plain] [--ks 2,4,6,adaptive]
-                                     [--batches 1,4] [--new-tokens 96] [--json F]
+                                     [--batches 1,4] [--new-tokens 96] [--json F] [--plot F.png]
+    python benchmarks/speculative.py --replot fused.json,plain.json --plot F.png    # the rows of earlier runs
 
 Two prompt sets, through the chat template, greedy:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import torch
 from _common import GPL3, artifact, machine, table
@@ -61,6 +63,31 @@ def prompt_sets() -> dict[str, list[str]]:
     return {"input-grounded": grounded, "open-ended": open_ended}
 
 
+def plot(runs: dict[str, list[dict[str, Any]]], path: str) -> None:
+    """Speed-up over plain decoding per k, one panel per prompt set, one bar group per (lowering, batch)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["prompts"] for rows in runs.values() for r in rows))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        series = [(f"{label}, batch {b}", [r for r in rows if r["prompts"] == name and r["batch"] == b])
+                  for label, rows in runs.items() for b in sorted({r["batch"] for r in rows})]
+        ks = list(dict.fromkeys(r["k"] for _, rows in series for r in rows))
+        width = 0.8 / max(1, len(series))
+        for i, (label, rows) in enumerate(series):
+            by_k = {r["k"]: r["speedup"] for r in rows}
+            ax.bar([j + i * width for j in range(len(ks))], [by_k.get(k, 0.0) for k in ks], width, label=label)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"k={k}" for k in ks])
+        ax.set(title=name, ylabel="speed-up over plain greedy")
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, ONNX Runtime, prompt-lookup draft (2 threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="onnx")
@@ -69,7 +96,17 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="write the speed-up plot here")
+    ap.add_argument("--replot", default=None, help="comma-separated --json files of earlier runs: only plot them")
     args = ap.parse_args()
+    if args.replot:
+        runs = {}
+        for path in args.replot.split(","):
+            with open(path) as f:
+                data = json.load(f)
+            runs[data.get("lowering", path)] = data["rows"]
+        plot(runs, args.plot or "speculative.png")
+        return
     torch.set_num_threads(2)
     options = {"attention": args.onnx_attention} if args.onnx_attention else None
     name = f"{MODEL}-{args.backend}" + (f"-{args.onnx_attention}" if args.onnx_attention else "")
@@ -111,9 +148,12 @@ def main() -> None:
                        ("acceptance", "acceptance", ".2f"), ("mean_accepted", "accepted / step", ".2f"),
                        ("plain_decode_tok_s", "plain tok/s", ".1f"), ("decode_tok_s", "speculative tok/s", ".1f"),
                        ("speedup", "speed-up", ".2f"), ("lossless", "= plain", "")]))
+    lowering = f"{args.backend} {art.manifest['backend'].get('attention', '')}".strip()
+    if args.plot:
+        plot({lowering: rows}, args.plot)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+            json.dump({"rows": rows, "lowering": lowering}, f, indent=1)
 
 
 if __name__ == "__main__":
