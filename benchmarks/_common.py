@@ -47,6 +47,22 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> st
     return "\n".join(lines)
 
 
+def ppl_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``ppl_<text>`` keys the rows have (not their ratios), sorted."""
+    return sorted({k for r in rows for k in r if k.startswith("ppl_") and not k.endswith("_x")})
+
+
+def add_ppl_ratios(row: dict[str, Any], full: dict[str, Any]) -> None:
+    """``ppl_<text>_x``: each perplexity of ``row`` over full attention's in the same run."""
+    for key in ppl_keys([row]):
+        row[key + "_x"] = row[key] / full[key]
+
+
+def ppl_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Table columns: each text's perplexity and its ratio to full attention."""
+    return [col for key in ppl_keys(rows) for col in ((key, f"ppl {key[4:]}", ".3f"), (key + "_x", "x full", ".3f"))]
+
+
 def machine() -> str:
     import os
     import platform

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import torch
-from _common import artifact, held_out_texts, machine, table
+from _common import add_ppl_ratios, artifact, held_out_texts, machine, ppl_columns, table
 
 from headsmith.backends.artifact import read_artifact
 from headsmith.block_sparse import BlockPattern
@@ -145,15 +145,13 @@ def main() -> None:
         r["prefill_x"] = f["prefill_s"] / r["prefill_s"]
         if "onnx_prefill_s" in r and "onnx_prefill_s" in f:
             r["onnx_prefill_x"] = f["onnx_prefill_s"] / r["onnx_prefill_s"]
-        for key in [k for k in r if k.startswith("ppl_") and not k.endswith("_x")]:
-            r[key + "_x"] = r[key] / f[key]
+        add_ppl_ratios(r, f)
     print(f"\n# {MODEL}, torch engine (FlexAttention for the layouts), {machine()}\n")
     for label in labels:
         print(f"- {label}: {SPECS[label] or '(no pass)'}")
     print()
     columns = [("row", "row", ""), ("context", "context", "d"), ("density", "attention work", ".3f")]
-    for key in sorted({k for r in rows for k in r if k.startswith("ppl_") and not k.endswith("_x")}):
-        columns += [(key, f"ppl {key[4:]}", ".3f"), (key + "_x", "x full", ".3f")]
+    columns += ppl_columns(rows)
     columns += [("passkey_str", "passkey @ depth " + "/".join(f"{d:g}" for d in DEPTHS), ""),
                 ("prefill_s", "prefill s", ".2f"), ("prefill_x", "speedup", ".2f")]
     if args.onnx:

@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 import torch
-from _common import artifact, held_out_texts, machine, table
+from _common import add_ppl_ratios, artifact, held_out_texts, machine, ppl_columns, table
 
 from headsmith.backends.artifact import read_artifact
 from headsmith.eval.passkey import DEPTHS, passkey
@@ -157,16 +157,14 @@ def main() -> None:
         f = full[r["context"]]
         r["speedup"] = r["tok_s"] / f["tok_s"]
         r["bound"] = (f["weights"] + f["kv_kept"]) / (r["weights"] + r["kv_kept"])
-        for key in [k for k in r if k.startswith("ppl_") and not k.endswith("_x")]:
-            r[key + "_x"] = r[key] / f[key]
+        add_ppl_ratios(r, f)
     print(f"# {MODEL}, ONNX Runtime engine, {machine()}\n")
     for label in labels:
         print(f"- {label}: {spec[label] or '(no pass)'}")
     print()
     columns = [("row", "row", ""), ("context", "context", "d"), ("kv_x", "KV kept", ".3f"),
                ("kv_mb", "KV MB held", ".1f")]
-    for key in sorted({k for r in rows for k in r if k.startswith("ppl_") and not k.endswith("_x")}):
-        columns += [(key, f"ppl {key[4:]}", ".3f"), (key + "_x", "x full", ".3f")]
+    columns += ppl_columns(rows)
     columns += [("passkey_str", "passkey @ depth " + "/".join(f"{d:g}" for d in DEPTHS), ""),
                 ("tok_s", "decode tok/s", ".1f"), ("speedup", "x full", ".2f"), ("bound", "bound", ".2f")]
     if rows:

@@ -56,6 +56,7 @@ class BlockPattern:
         return f"{self.kind}:{self.size}:{self.local}:{self.sink}:{self.stride}"
 
     @staticmethod
+    @functools.lru_cache(maxsize=64)  # every attention call decodes its option: parse each string once
     def decode(text: str) -> BlockPattern | None:
         """The layout of an op's ``blocks`` string ("" -> None)."""
         if not text:
@@ -140,16 +141,15 @@ def _block_mask(pattern: BlockPattern, tokens: int, tile: int, device: str):
     return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=tile, mask_mod=_causal, seq_lengths=(tokens, tokens))
 
 
-def flex_prefill(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, scale: float, softcap: float
-                 ) -> Tensor | None:
-    """Causal block-sparse attention of a prefill (``Tq == Tk``, no padding) with FlexAttention, whose tiles
-    that no (query, key) pair of the layout touches are skipped. None where it does not apply (a short text, a
-    block no tile of 16+ divides, a softcap: its score_mod does not compile with dynamic shapes, or inductor
-    failed once); the caller's dense masked kernel runs then."""
+def flex_prefill(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, scale: float) -> Tensor | None:
+    """Causal block-sparse attention of a prefill (``Tq == Tk``, no padding, no softcap: its score_mod does not
+    compile with dynamic shapes) with FlexAttention, whose tiles that no (query, key) pair of the layout touches
+    are skipped. None where it does not apply (a short text, a block no tile of 16+ divides, or inductor failed
+    once); the caller's dense masked kernel runs then."""
     global _flex_broken
     tokens = q.shape[2]
     tile = _tile(pattern)
-    if _flex_broken or tokens < FLEX_MIN_TOKENS or not tile or softcap > 0.0 or q.requires_grad:
+    if _flex_broken or tokens < FLEX_MIN_TOKENS or not tile or q.requires_grad:
         return None
     try:
         return _compiled_flex()(q, k, v, block_mask=_block_mask(pattern, tokens, tile, str(q.device)),

@@ -481,6 +481,11 @@ def bench(
         raise HeadsmithError(f"--contexts must be comma-separated integers, got {contexts!r}") from None
     if not ctx_list or min(ctx_list) < 1:
         raise HeadsmithError(f"--contexts needs positive lengths, got {contexts!r}")
+    if draft is not None:  # a bad draft or k fails now, not after minutes of timing
+        from .runtime.speculative import draft_for
+        draft_for(draft)
+        if k < 1:
+            raise HeadsmithError(f"--k must be >= 1, got {k}")
     art = _artifact(artifact_dir)
     if art.info.task != "causal-lm":
         raise HeadsmithError(f"{art.info.architecture} is an encoder: bench times decoding", "use `headsmith eval`")

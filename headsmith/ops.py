@@ -94,12 +94,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
         raise ValueError("attention: a block-sparse layout and a sliding window are exclusive")
     sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
     pattern = block_sparse.BlockPattern.decode(blocks)
-    unpadded = key_mask is None or bool(key_mask.all())
-    if causal and tq == tk and unpadded and window == 0 and softcap == 0.0:  # a prefill: kernels that skip work
+    if causal and tq == tk and window == 0 and softcap == 0.0 and (key_mask is None or bool(key_mask.all())):
+        # an unpadded prefill: kernels that skip work (decode steps never pay for the key_mask check)
         if pattern is None:  # SDPA's causal kernel skips the tiles above the diagonal (an explicit mask does not)
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=sm_scale, enable_gqa=hq != hkv).contiguous()
-        out = block_sparse.flex_prefill(q, k, v, pattern, sm_scale, softcap)
+        out = block_sparse.flex_prefill(q, k, v, pattern, sm_scale)
         if out is not None:
             return out.contiguous()
     bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device, blocks)

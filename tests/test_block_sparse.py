@@ -89,6 +89,27 @@ def test_prefill_kernel_equals_the_masked_reference_both_ways(monkeypatch: pytes
     assert float((step - want[:, :, -2:]).abs().max()) < 1e-5
 
 
+def test_a_failing_flex_compile_falls_back_to_the_dense_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Inductor needs a C++ compiler at run time: where it fails, one warning and the dense masked kernel."""
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("C++ compile error\n(hundreds of lines)")
+
+    monkeypatch.setattr(block_sparse, "FLEX_MIN_TOKENS", 64)
+    monkeypatch.setattr(block_sparse, "_flex_broken", False)
+    monkeypatch.setattr(block_sparse, "_compiled_flex", lambda: no_compiler)
+    pattern = LAYOUTS[0]
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 150, 16), torch.randn(1, 2, 150, 16), torch.randn(1, 2, 150, 16)
+    with caplog.at_level("WARNING", logger="headsmith.block_sparse"):
+        for _ in range(2):
+            out = ops.attention(q, k, v, None, True, 0.0, 0, 0, 0.0, 0, pattern.encode())
+            assert float((out - masked_sdpa(q, k, v, reference_mask(pattern, 150))).abs().max()) < 1e-5
+    assert block_sparse._flex_broken
+    assert [r.getMessage().endswith("C++ compile error); block-sparse prefill falls back to the dense masked kernel")
+            for r in caplog.records] == [True]  # once, first line only
+
+
 @functools.cache
 def blocked(arch: str, spec: str) -> Program:
     return tiny_program(arch).apply(spec)

@@ -110,9 +110,9 @@ def _accept(logits: Tensor, drafted: list[int], config: GenerationConfig, genera
     ``logits[1+k, V]``; ``blocked(i)``: tokens forbidden at verify position ``i`` (stops before min_new_tokens)."""
     kept: list[int] = []
     for i in range(len(drafted) + 1):
-        scores = logits[i].clone()
-        if blocked(i):
-            scores[blocked(i)] = float("-inf")
+        scores, banned = logits[i].clone(), blocked(i)
+        if banned:
+            scores[banned] = float("-inf")
         if config.temperature == 0.0:
             best = int(scores.argmax())
             if i < len(drafted) and drafted[i] == best:
@@ -199,8 +199,7 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
         stats.verify_seconds += time.perf_counter() - t0
         kept = [[] if done[r] else _accept(logits[r], drafts[r], config, generator, blocked_at(r)) for r in range(b)]
         accepted = [max(0, len(x) - 1) for x in kept]  # draft tokens now in the cache (the last one is not yet)
-        longest = max(accepted[r] for r in range(b) if not done[r]) if not all(done) else 0
-        keep = base + 1 + longest
+        keep = base + 1 + max(accepted[r] for r in range(b) if not done[r])  # a live row exists inside the loop
         cache.truncate(keep)
         mask = mask[:, :keep].clone()
         for r in range(b):
