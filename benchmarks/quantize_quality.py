@@ -63,7 +63,6 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
 
-    from headsmith.backends.artifact import decode_weight_bytes
     from headsmith.eval.metrics import perplexity
 
     source = headsmith.load("smollm2-135m")
@@ -76,7 +75,7 @@ def main() -> None:
             spec = f"{spec[:-1]}, group={args.group})"
         program = source.apply(spec) if spec else source
         row: dict[str, Any] = {"name": name, "spec": f"`{spec}`" if spec else "(none)",
-                               "mb": decode_weight_bytes(program) / 1e6, "pass_s": time.perf_counter() - start}
+                               "mb": program.decode_weight_bytes() / 1e6, "pass_s": time.perf_counter() - start}
         with torch.inference_mode():
             for text, ids in data.items():
                 row[text] = perplexity(lambda i, m, p: program(i, m, p), ids, window=WINDOW)["perplexity"]

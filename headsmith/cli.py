@@ -332,8 +332,9 @@ def run(
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")] = None,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Use the chat template (default: if any).")] = None,
-    draft: Annotated[str | None, typer.Option("--draft", help="Speculative decoding with this draft: ngram (prompt "
-                                                             "lookup). Same output as without.")] = None,
+    draft: Annotated[str | None, typer.Option("--draft", help="Speculative decoding with this draft: one stored in the "
+                                                             "artifact by draft(...), ngram (prompt lookup) or auto. "
+                                                             "Same output as without.")] = None,
     k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adapts to the acceptance).")] = 4,
 ) -> None:
     """Generate text from an artifact, streaming tokens as they come."""
@@ -364,7 +365,7 @@ def run(
         out.print()
     if draft is not None:
         st = result.stats
-        err.print(f"draft {draft}: {st['accepted']} of {st['drafted']} drafted tokens accepted "
+        err.print(f"draft {st['draft']}: {st['accepted']} of {st['drafted']} drafted tokens accepted "
                   f"({st['acceptance']:.0%}), {st['mean_accepted']:.2f} per step, {result.decode_steps} verify steps, "
                   f"{result.decode_tokens_per_second:.1f} tok/s", highlight=False)
     else:
@@ -467,8 +468,9 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also time HF transformers.")] = True,
-    draft: Annotated[str | None, typer.Option("--draft", help="Also time speculative decoding with this draft "
-                                                             "(ngram) against plain decoding.")] = None,
+    draft: Annotated[str | None, typer.Option("--draft", help="Also time speculative decoding with this draft (stored "
+                                                             "in the artifact, ngram or auto) against plain "
+                                                             "decoding.")] = None,
     k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adaptive).")] = 4,
 ) -> None:
     """Prefill/decode tokens/s per context, KV bytes/token, peak RSS, vs HF transformers and the bandwidth bound."""
@@ -481,15 +483,15 @@ def bench(
         raise HeadsmithError(f"--contexts must be comma-separated integers, got {contexts!r}") from None
     if not ctx_list or min(ctx_list) < 1:
         raise HeadsmithError(f"--contexts needs positive lengths, got {contexts!r}")
-    if draft is not None:  # a bad draft or k fails now, not after minutes of timing
-        from .runtime.speculative import draft_for
-        draft_for(draft)
-        if k < 1:
-            raise HeadsmithError(f"--k must be >= 1, got {k}")
+    if draft is not None and k < 1:
+        raise HeadsmithError(f"--k must be >= 1, got {k}")
     art = _artifact(artifact_dir)
     if art.info.task != "causal-lm":
         raise HeadsmithError(f"{art.info.architecture} is an encoder: bench times decoding", "use `headsmith eval`")
     engine = engine_for(art)
+    if draft is not None:  # a bad draft fails now, not after minutes of timing
+        from .runtime.speculative import draft_for
+        draft_for(draft, engine)
     limit = art.info.max_positions
     if limit is not None and max(ctx_list) + new_tokens + 2 > limit:
         raise HeadsmithError(f"context {max(ctx_list)} + {new_tokens} new tokens exceeds the model's {limit} positions")

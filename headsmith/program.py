@@ -6,7 +6,8 @@ A Program wraps
   attributes. It is called as ``gm(input_ids[B,S], position_ids[B,S], attention_mask[B,S])`` and returns
   logits ``[B,S,V]`` (causal LMs) or hidden states ``[B,S,E]`` (encoders);
 - ``info``: static facts from the checkpoint (architecture, task, config, tokenizer);
-- ``history``: the pass specs applied so far, and their reports.
+- ``history``: the pass specs applied so far, and their reports;
+- ``drafts``: speculative-decoding drafts derived from it (``passes/draft.py``), lowered beside it.
 
 Programs are values: a pass returns a new Program and leaves its input as it was (weights are shared
 until a pass replaces one). ``spec()`` derives the per-layer :class:`ModelSpec` from the graph itself.
@@ -125,6 +126,20 @@ class ModelSpec:
         return ModelSpec(**kw)
 
 
+@dataclass(frozen=True)
+class DraftProgram:
+    """A draft for speculative decoding, derived from the target program by ``passes/draft.py``. Its decode
+    graph reads and writes the target's KV cache for the layers it keeps (entries matched by layer), so it needs
+    no prefill and no cache of its own."""
+
+    name: str
+    method: str
+    program: Program
+    layers: tuple[int, ...]
+    """The target layers the draft runs (the others are skipped)."""
+    report: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Program:
     """A captured (and usually raised) model; see the module docstring."""
@@ -135,6 +150,7 @@ class Program:
     tokenizer: Any = None
     history: tuple[str, ...] = ()
     reports: tuple[dict[str, Any], ...] = ()
+    drafts: tuple[DraftProgram, ...] = ()
     _shapes: dict[fx.Node, tuple[int, ...]] | None = field(default=None, repr=False)
 
     # ---- running -------------------------------------------------------------------------------
@@ -238,6 +254,33 @@ class Program:
             seen.add(key)
             out[str(node.target)] = t
         return out
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads: every weight a matmul-like op consumes (directly, or through the
+        cast of a 16-bit weight), once; a quantised linear reads its packed codes, scales and zero points. An
+        embedding table used only for lookups reads one row per token and is left out."""
+        from .fxutil import get_tensor
+        from .qweights import LINEAR_Q
+        aten = torch.ops.aten
+        readers = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default, aten.t.default,
+                   aten.permute.default, aten.transpose.int, LINEAR_Q}
+        cast = aten._to_copy.default
+
+        def read_by_matmul(node: fx.Node) -> bool:
+            return any(u.op == "call_function" and (u.target in readers or (u.target is cast and read_by_matmul(u)))
+                       for u in node.users)
+
+        seen: set[int] = set()
+        total = 0
+        for node in self.gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            t = get_tensor(self.gm, str(node.target))
+            if id(t) in seen or (t.dim() >= 2 and not read_by_matmul(node)):
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return total
 
     def spec(self) -> ModelSpec:
         layers: list[LayerSpec] = []

@@ -16,7 +16,8 @@ from headsmith.backends.artifact import read_artifact
 from headsmith.cli import main
 from headsmith.eval.metrics import perplexity
 from headsmith.passes.kv_cache import cache_layout, decode_graph, prefill_graph
-from headsmith.runtime.engine import OrtEngine, TorchEngine, engine_for
+from headsmith.runtime.engine import TorchEngine, engine_for
+from headsmith.runtime.ort_engine import OrtEngine
 from headsmith.runtime.generate import GenerationConfig, generate, pad_left
 from headsmith.runtime.kv_cache import CacheSpec, KVCache
 

@@ -63,7 +63,6 @@ def test_minilm_hidden_states_match_hf() -> None:
 def test_smollm2_int8_keeps_perplexity_and_int4_shrinks_the_weights() -> None:
     """Real weights, held-out text: int8 blocks within 1% of fp32's perplexity; int4 weights under 30% of fp32's
     bytes, int8 under 28% (8.5 bits a weight) (docs/precision.md has the full table)."""
-    from headsmith.backends.artifact import decode_weight_bytes
     from headsmith.eval.metrics import perplexity
 
     program = smollm2()
@@ -73,5 +72,5 @@ def test_smollm2_int8_keeps_perplexity_and_int4_shrinks_the_weights() -> None:
     got = perplexity(lambda i, m, p: int8(i, m, p), ids, window=512)["perplexity"]
     assert abs(got / ref - 1) < 0.01, (got, ref)
     int4 = program.apply("quantize(weights=int4, high=[])")
-    assert decode_weight_bytes(int4) < 0.3 * decode_weight_bytes(program)
-    assert decode_weight_bytes(int8) < 0.28 * decode_weight_bytes(program)  # 8.5 of 32 bits a weight
+    assert int4.decode_weight_bytes() < 0.3 * program.decode_weight_bytes()
+    assert int8.decode_weight_bytes() < 0.28 * program.decode_weight_bytes()  # 8.5 of 32 bits a weight

@@ -9,6 +9,8 @@ Layout::
       program.pt2          the program as a torch.export archive, weights lifted to inputs (so they are
                            not stored twice)
       tokenizer/           the tokenizer files, when the model has one
+      draft_<name>.*       the decode graph of each speculative draft (``passes/draft.py``); its weights are
+                           the target's where they are the same tensors, else ``draft_<name>.*`` entries
       ...                  backend files (ONNX, TVM, TensorRT engines)
 
 ``write_artifact`` builds everything in a temporary directory beside OUT and renames it into place at the
@@ -36,6 +38,7 @@ from .._version import __version__
 from ..errors import ArtifactError, BackendError, OutputExistsError
 from ..fxutil import get_tensor
 from ..program import INPUT_NAMES, ModelInfo, ModelSpec, Program, SourceInfo, default_positions
+from .lowering import DraftLowering, draft_lowerings
 
 FORMAT = "headsmith-artifact"
 FORMAT_VERSION = 1
@@ -141,8 +144,10 @@ def export_program(gm: fx.GraphModule, weights: dict[str, Tensor], example: tupl
     return ep
 
 
-def export_step_programs(program: Program, directory: Path, weights: dict[str, Tensor]) -> list[dict[str, Any]]:
-    """Write ``prefill.pt2`` and ``decode.pt2`` (weights lifted); returns the cache layout."""
+def export_step_programs(program: Program, directory: Path, weights: dict[str, Tensor],
+                         drafts: list[DraftLowering] | None = None) -> dict[str, Any]:
+    """Write ``prefill.pt2``, ``decode.pt2`` and each draft's ``draft_<name>.pt2`` (weights lifted); returns the
+    manifest fields (cache layout, drafts)."""
     from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
 
     pre, entries = prefill_graph(program, ring=True)
@@ -157,7 +162,13 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
     example, dynamic, _ = decode_example(cache, entries, ids.shape[0], program.info.vocab_size)
     ep = export_program(dec, weights, example, dynamic)
     torch.export.save(ep, str(directory / "decode.pt2"))
-    return layout_dict(entries)
+    records: dict[str, Any] = {}
+    for d in drafts or []:
+        graph, mine = decode_graph(d.program, ring=True)
+        example, dynamic, _ = decode_example([cache[i] for i in d.cache], mine, ids.shape[0], program.info.vocab_size)
+        torch.export.save(export_program(graph, weights, example, dynamic), str(directory / d.file(".pt2")))
+        records[d.name] = {**d.record, "decode": d.file(".pt2")}
+    return {"cache": layout_dict(entries), **({"drafts": records} if records else {})}
 
 
 def write_artifact(program: Program, out: Path, backend: str = "torch", force: bool = False,
@@ -192,7 +203,10 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
         from .hf_export import export_hf
         _say(progress, "writing the Hugging Face checkpoint (hf/)")
         hf_dir = export_hf(program, tmp / "hf").name
+    drafts = draft_lowerings(program)
     weights = graph_weights(program.gm)
+    for d in drafts:
+        weights.update(graph_weights(d.program.gm))
     unique, aliases = split_aliases(weights)
     _say(progress, "writing weights.safetensors")
     save_file(unique, str(tmp / "weights.safetensors"), metadata={"format": "pt"})
@@ -206,7 +220,7 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
     if backend == "torch" and program.info.task == "causal-lm":
         _say(progress, "exporting prefill.pt2 and decode.pt2 (KV cache as inputs/outputs)")
         backend_info.update(prefill="prefill.pt2", decode="decode.pt2",
-                            cache=export_step_programs(program, tmp, weights))
+                            **export_step_programs(program, tmp, weights, drafts))
     if backend != "torch":
         from . import lower
         backend_info = lower(backend, program, tmp, progress, options)
@@ -224,42 +238,13 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
         "info": asdict(program.info),
         "inputs": list(INPUT_NAMES),
         "weights": {"file": "weights.safetensors", "aliases": aliases},
-        "decode_weight_bytes": decode_weight_bytes(program),
+        "decode_weight_bytes": program.decode_weight_bytes(),
         "backend": backend_info,
         "hf_checkpoint": hf_dir,
     }
     manifest["files"] = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*"))
                          if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-
-
-def decode_weight_bytes(program: Program) -> int:
-    """Bytes of weights a decode step reads: every weight a matmul-like op consumes (directly, or through the
-    cast of a 16-bit weight), once; a quantised linear reads its packed codes, scales and zero points. An
-    embedding table used only for lookups reads one row per token and is left out."""
-    from ..qweights import LINEAR_Q
-    readers = {torch.ops.aten.linear.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default,
-               torch.ops.aten.addmm.default, torch.ops.aten.t.default, torch.ops.aten.permute.default,
-               torch.ops.aten.transpose.int, LINEAR_Q}
-    cast = torch.ops.aten._to_copy.default
-
-    def read_by_matmul(node: fx.Node) -> bool:
-        return any(u.op == "call_function" and (u.target in readers or (u.target is cast and read_by_matmul(u)))
-                   for u in node.users)
-
-    seen: set[int] = set()
-    total = 0
-    for node in program.gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        t = get_tensor(program.gm, str(node.target))
-        if id(t) in seen:
-            continue
-        if t.dim() >= 2 and not read_by_matmul(node):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
 
 
 def _jsonable(obj: Any) -> Any:

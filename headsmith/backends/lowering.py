@@ -3,7 +3,10 @@
 - :func:`fuse_kv_attention`: ``attention(q, cat([past_k, k]), cat([past_v, v]))`` -> ``attention_kv(q, k, v,
   past_k, past_v)``, so a kernel that appends to the cache itself owns the update;
 - :func:`fuse_parallel_linears`: linears reading the same input (q/k/v, gate/up) -> one wide linear whose
-  output is sliced; quantised linears (``linear_q``) fuse too, by concatenating their packed rows.
+  output is sliced; quantised linears (``linear_q``) fuse too, by concatenating their packed rows;
+- :func:`draft_lowerings`: the program's speculative drafts (``passes/draft.py``) made ready for a backend: weights
+  that are not the target's own tensors renamed under ``draft_<name>.`` (so the artifact stores one set of
+  weights without clashes), and the target cache entries each draft reads and writes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from ..fxutil import add_weight, erase_dead, is_call, prune_unused_attrs, weight_of
+from ..fxutil import add_weight, erase_dead, get_tensor, is_call, prune_unused_attrs, set_tensor, weight_of
+from ..program import Program
 from ..qweights import LINEAR_Q, packed_args
 from ..sites import ATTENTION
 
@@ -172,3 +176,51 @@ def _split_cat(node: Any) -> tuple[Any, Any]:
         if isinstance(past, fx.Node) and past.op == "placeholder":
             return new, past
     return node, None
+
+
+@dataclass(frozen=True)
+class DraftLowering:
+    """One draft ready to lower: its program (weights the target lacks renamed), the indices of the target's cache
+    entries its decode graph reads and writes (in the draft's entry order), and its manifest record."""
+
+    name: str
+    program: Program
+    cache: list[int]
+    record: dict[str, Any]
+
+    def file(self, suffix: str) -> str:
+        return f"draft_{self.name}{suffix}"
+
+
+def draft_lowerings(program: Program) -> list[DraftLowering]:
+    """The drafts of ``program`` (see the module docstring); a draft that no longer fits the target's cache
+    (a pass after ``draft(...)`` changed it) is refused here."""
+    if not program.drafts:
+        return []
+    from ..passes.draft import draft_layer_map
+
+    caches = draft_layer_map(program)
+    mine = {str(n.target): get_tensor(program.gm, str(n.target)) for n in program.gm.graph.nodes if n.op == "get_attr"}
+    out = []
+    for d in program.drafts:
+        renamed = d.program.clone()
+        gm = renamed.gm
+        prefix = "draft_" + d.name.replace("-", "_")
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            t = get_tensor(gm, str(node.target))
+            if mine.get(str(node.target)) is t:
+                continue  # the target's own tensor under the same name: stored once
+            target = f"{prefix}.{node.target}"
+            set_tensor(gm, target, t)
+            node.target = target
+        prune_unused_attrs(gm)
+        gm.recompile()
+        renamed._shapes = None
+        report = {k: d.report[k] for k in ("top1_agreement", "weight_bytes_ratio", "skipped", "passes")
+                  if k in d.report}
+        out.append(DraftLowering(d.name, renamed, caches[d.name],
+                                 {"method": d.method, "layers": list(d.layers), "cache": caches[d.name],
+                                  "decode_weight_bytes": renamed.decode_weight_bytes(), **report}))
+    return out

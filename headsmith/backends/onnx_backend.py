@@ -17,7 +17,9 @@
 - ``gqa``: ``plain`` with ``GroupQueryAttention`` for the attention.
 
 Dynamic dims: ``batch``, ``new`` (tokens this step), ``past`` (cached tokens), ``total``. The decode model's
-weights point into the prefill model's external data file, so they are stored once.
+weights point into the prefill model's external data file, so they are stored once; so do a speculative
+draft's (``draft_<name>.onnx``, and ``draft_<name>_dense.onnx`` beside ``decode_dense.onnx``), whose inputs and
+outputs are the target's cache entries of the layers it runs (see ``passes/draft.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor, fx
 
 from ..errors import BackendError
 from ..program import Program
-from .lowering import fuse_kv_attention, fuse_parallel_linears
+from .lowering import draft_lowerings, fuse_kv_attention, fuse_parallel_linears
 from .onnx_ops import DEFAULT_VARIANT, VARIANTS, translations
 from .onnx_quant import DEFAULT_ACCURACY_LEVEL
 from .onnx_quant import translations as quant_translations
@@ -192,6 +194,29 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
         share_weights(directory / "prefill.onnx", directory / "decode_dense.onnx")
         names.append("decode_dense.onnx")
         extra["decode_dense"] = "decode_dense.onnx"
+    drafts: dict[str, Any] = {}
+    for d in draft_lowerings(program):
+        graph, mine = decode_graph(d.program, ring=ring)
+        d_example, d_dynamic, d_inputs = decode_example([cache[i] for i in d.cache], mine, ids.shape[0],
+                                                        program.info.vocab_size)
+        outputs = ["logits", *[f"present_{e.name.replace('.', '_')}" for e in mine]]
+        record = {**d.record, "decode": d.file(".onnx"), "entries": [e.name for e in mine]}
+        files = [(d.file(".onnx"), graph, False)]
+        if "decode_dense" in extra:
+            files.append((d.file("_dense.onnx"), decode_graph(d.program, ring=ring, dense=True)[0], True))
+            record["decode_dense"] = d.file("_dense.onnx")
+        for file, gm, dense_graph in files:
+            _say(progress, f"exporting {file} (draft {d.name})")
+            export_graph(gm, d_example, d_dynamic, directory / file, d_inputs, outputs, variant,
+                         accuracy_level=accuracy_level, dense=dense_graph)
+            share_weights(directory / "prefill.onnx", directory / file)
+            names.append(file)
+        if _gqa_presents(directory / d.file(".onnx"))[1] != in_place:
+            raise BackendError(f"draft {d.name}'s decode graph does not update the cache the way the target's does "
+                               "(in place or not)", "convert with --onnx-attention plain")
+        drafts[d.name] = record
+    if drafts:
+        extra["drafts"] = drafts
     for name in names:
         onnx.checker.check_model(str(directory / name), full_check=False)
     opset = FUSED_OPSET if variant == "fused" else OPSET

@@ -109,6 +109,10 @@ def lower_tensorrt(program: Program, directory: Path, progress: Any = None, max_
                            "onnxruntime's MatMulNBits, which TensorRT's ONNX parser does not know)",
                            "use --backend onnx or tvm for quantize(weights=int4|int8), or quantize(weights=fp16) "
                            "for TensorRT")
+    if program.drafts:
+        raise BackendError(f"the TensorRT backend does not build speculative drafts yet (the program has "
+                           f"{', '.join(d.name for d in program.drafts)})",
+                           "use --backend onnx, tvm or torch for draft(...), or decode with --draft ngram")
     trt, flavour = import_tensorrt()
     limit = program.info.max_positions or DEFAULT_MAX_TOKENS
     tokens = int(max_tokens) if max_tokens is not None else min(limit, DEFAULT_MAX_TOKENS)

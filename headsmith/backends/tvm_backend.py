@@ -248,7 +248,7 @@ def build_module(program: Program, target: TvmTarget, progress: Any = None) -> t
 
     from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
     from .artifact import graph_weights
-    from .lowering import fuse_kv_attention
+    from .lowering import draft_lowerings, fuse_kv_attention
 
     ids, pos, mask = program.example_inputs(batch=2, seq=8)
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -273,6 +273,16 @@ def build_module(program: Program, target: TvmTarget, progress: Any = None) -> t
         example, dynamic, _ = decode_example(cache, entries, ids.shape[0], program.info.vocab_size)
         graphs["decode"] = (dec, example, dynamic)
         fields["cache"] = layout_dict(entries)
+        drafts: dict[str, Any] = {}
+        for d in draft_lowerings(program):  # a function per draft; its weights are the target's where shared
+            graph, mine = decode_graph(cache_expanded_kv(d.program), ring=ring)
+            fuse_kv_attention(graph)
+            d_example, d_dynamic, _ = decode_example([cache[i] for i in d.cache], mine, ids.shape[0],
+                                                     program.info.vocab_size)
+            graphs[d.file("")] = (graph, d_example, d_dynamic)
+            drafts[d.name] = {**d.record, "decode": d.file("")}
+        if drafts:
+            fields["drafts"] = drafts
     names, alias = weight_names([g for g, _, _ in graphs.values()])
     weights = graph_weights(program.gm)
     for gm, _, _ in graphs.values():

@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 from ..errors import PassSpecError
 from .base import MatchResult, Pass, PassContext, PassResult
 from .canonicalize import Canonicalize, Dce
+from .draft import Draft
 from .gqa import Gqa
 from .heal import Heal
 from .mla import Mla
@@ -24,8 +25,8 @@ from .raise_attention import RaiseAttention
 from .sparse_attention import SparseAttention
 from .spec import build, parse_spec
 
-ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Gqa, Heal, Mla, PruneHeads, PruneLayers,
-                                      PruneMlp, Quantize, SparseAttention)
+ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Draft, Gqa, Heal, Mla, PruneHeads,
+                                      PruneLayers, PruneMlp, Quantize, SparseAttention)
 REGISTRY: dict[str, type[Pass]] = {p.name: p for p in ALL_PASSES}
 ENTRY_POINT_GROUP = "headsmith.passes"
 _plugins_loaded = False

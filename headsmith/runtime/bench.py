@@ -125,7 +125,9 @@ def time_draft(engine: Engine, ids: torch.Tensor, new_tokens: int, draft: str, k
     assert plain is not None and spec is not None
     return {"plain_decode_tok_s": new_tokens / plain_s, "decode_tok_s": new_tokens / spec_s,
             "speedup": plain_s / spec_s, "acceptance": spec.stats["acceptance"],
-            "mean_accepted": spec.stats["mean_accepted"], "lossless": spec.tokens == plain.tokens}
+            "mean_accepted": spec.stats["mean_accepted"], "draft_ms_per_step": spec.stats["draft_ms_per_step"],
+            "verify_ms_per_step": spec.stats["verify_ms_per_step"], "draft_name": spec.stats["draft"],
+            "lossless": spec.tokens == plain.tokens}
 
 
 def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: int, weight_bytes: int,

@@ -18,7 +18,6 @@ runs a step that would not fit a full ring as steps of fewer tokens (:func:`deco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from ..errors import BackendError
 from ..program import ModelInfo, ModelSpec, Program
-from .kv_cache import CacheSpec, KVCache
+from .kv_cache import CacheSpec
 from .ring import Ring, ring_masks, rings_of, step_size
 
 
@@ -42,6 +41,9 @@ class Engine(Protocol):
                cache: Any) -> tuple[Tensor, Any]: ...
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor: ...
+
+    # engines that carry speculative drafts (passes/draft.py) also have ``drafts`` (name -> manifest record) and
+    # ``draft_decode(name, ids, mask, pos, cache) -> logits[B,T,V]``, a step of the draft on the target's cache
 
 
 @dataclass
@@ -91,13 +93,20 @@ class TorchCache:
         self.tensors = list(presents)
         self.seen += new
 
+    def step_entries(self, presents: list[Tensor], entries: list[int], new: int) -> None:
+        """A speculative draft's step: only ``entries`` took presents (the others are truncated to their old
+        length before the next step reads them)."""
+        for i, p in zip(entries, presents):
+            self.tensors[i] = p
+        self.seen += new
+
     def truncate(self, length: int) -> None:
         if length >= self.seen:
             return
         for r in self.rings:
             if r is not None:
                 r.check_truncate(self.seen, length)
-        self.tensors = [t.narrow(d, 0, length if r is None else r.slots(length)).contiguous()
+        self.tensors = [t.narrow(d, 0, min(int(t.shape[d]), length if r is None else r.slots(length))).contiguous()
                         for t, d, r in zip(self.tensors, self.seq_dims, self.rings)]
         self.seen = length
 
@@ -154,6 +163,9 @@ class TorchEngine:
     forward_fn: Any
     seq_dims: list[int]
     rings: list[Ring | None] = field(default_factory=list)
+    drafts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Speculative drafts (``passes/draft.py``): name -> manifest record (``cache``: the entries it runs)."""
+    draft_fns: dict[str, Any] = field(default_factory=dict, repr=False)
     name: str = "torch"
 
     @staticmethod
@@ -161,10 +173,14 @@ class TorchEngine:
         spec = program.spec()
         if program.info.task != "causal-lm":
             return TorchEngine(program.info, spec, None, None, program.gm, [])
+        from ..backends.lowering import draft_lowerings
         from ..passes.kv_cache import decode_graph, prefill_graph
         pre, entries = prefill_graph(program, ring=True)
         dec, _ = decode_graph(program, ring=True)
-        return TorchEngine(program.info, spec, pre, dec, program.gm, [e.seq_dim for e in entries], rings_of(entries))
+        drafts = draft_lowerings(program)
+        return TorchEngine(program.info, spec, pre, dec, program.gm, [e.seq_dim for e in entries], rings_of(entries),
+                           {d.name: d.record for d in drafts},
+                           {d.name: decode_graph(d.program, ring=True)[0] for d in drafts})
 
     @staticmethod
     def from_artifact(artifact: Any) -> TorchEngine:
@@ -180,8 +196,10 @@ class TorchEngine:
         if artifact.info.task != "causal-lm":
             return TorchEngine(artifact.info, artifact.spec, None, None, forward, [])
         cache = backend.get("cache", [])
+        drafts = dict(backend.get("drafts", {}))
         return TorchEngine(artifact.info, artifact.spec, load(backend["prefill"]), load(backend["decode"]), forward,
-                           [int(e["seq_dim"]) for e in cache], rings_of(cache))
+                           [int(e["seq_dim"]) for e in cache], rings_of(cache), drafts,
+                           {name: load(d["decode"]) for name, d in drafts.items()})
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         check_inputs(input_ids, attention_mask, position_ids)
@@ -201,145 +219,20 @@ class TorchEngine:
         cache.step(list(out[1:]), t)
         return out[0], cache
 
+    def draft_decode(self, name: str, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                     cache: TorchCache) -> Tensor:
+        """A speculative draft's decode step on the entries of the layers it runs (see ``passes/draft.py``)."""
+        check_inputs(input_ids, attention_mask, position_ids, cache.length)
+        entries = list(self.drafts[name]["cache"])
+        with torch.no_grad():
+            out = self.draft_fns[name](input_ids, position_ids, attention_mask, *(cache.tensors[i] for i in entries))
+        cache.step_entries(list(out[1:]), entries, input_ids.shape[1])
+        return out[0]
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         check_inputs(input_ids, attention_mask, position_ids)
         with torch.no_grad():
             return self.forward_fn(input_ids, position_ids, attention_mask)
-
-
-@dataclass
-class OrtEngine:
-    """Runs ``prefill.onnx`` / ``decode.onnx`` (or ``model.onnx``) with onnxruntime and IO binding."""
-
-    info: ModelInfo
-    spec: ModelSpec
-    directory: Path
-    backend: dict[str, Any]
-    threads: int | None = None
-    name: str = "onnx"
-    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def cache_specs(self) -> list[CacheSpec]:
-        return CacheSpec.from_manifest(self.backend.get("cache", []))
-
-    def session(self, key: str) -> Any:
-        if key not in self._sessions:
-            from ..backends.onnx_backend import ort_session
-            path = self.directory / self.backend[key]
-            if not path.exists():
-                raise BackendError(f"ONNX file {path} is missing", "re-run `headsmith convert --backend onnx`")
-            self._sessions[key] = ort_session(path, self.threads)
-        return self._sessions[key]
-
-    @property
-    def providers(self) -> list[str]:
-        key = "forward" if "forward" in self.backend else "prefill"
-        return list(self.session(key).get_providers())
-
-    @property
-    def in_place(self) -> bool:
-        """The decode graph appends to one shared buffer per cache entry (see kv_cache.py)."""
-        return bool(self.backend.get("kv_in_place"))
-
-    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
-        return KVCache(self.cache_specs, batch, capacity, in_place=self.in_place)
-
-    def _run(self, key: str, feeds: dict[str, np.ndarray], outputs: list[tuple[str, np.ndarray]]) -> None:
-        sess = self.session(key)
-        io = sess.io_binding()
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, buf in outputs:
-            io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-        sess.run_with_iobinding(io)
-
-    @property
-    def rings(self) -> list[Ring | None]:
-        return rings_of(self.backend.get("cache", []))
-
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
-        check_inputs(input_ids, attention_mask, position_ids)
-        b, t = input_ids.shape
-        cache = self.new_cache(b, capacity=max(256, 2 * t))
-        logits = np.empty((b, 1, self.info.vocab_size), dtype=np.float32)
-        names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
-        # in place, or with rings, the prefill graph returns compact presents of every token: stored once
-        compact = cache.in_place or any(r is not None for r in cache.rings)
-        presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs] if compact \
-            else cache.present_views(t)
-        self._run("prefill", _feeds(input_ids, position_ids, attention_mask),
-                  [("logits", logits), *zip(names, presents)])
-        if compact:
-            cache.store(presents)
-        else:
-            cache.commit(t)
-        return torch.from_numpy(logits), cache
-
-    def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-               cache: KVCache) -> tuple[Tensor, Any]:
-        check_inputs(input_ids, attention_mask, position_ids, cache.length)
-        b, t = input_ids.shape
-        # onnxruntime's GroupQueryAttention takes several new tokens with a past only for batch 1; a step must
-        # fit every ring: both run as steps of fewer tokens (same result)
-        one = (self.backend.get("attention") == "gqa" or self.backend.get("gqa_layers")) and b > 1 and t > 1 \
-            and cache.length > 0
-        if one or step_size(cache.rings, cache.length, t) < t:
-            return decode_in_steps(self, input_ids, attention_mask, position_ids, cache, cache.rings, one)
-        feeds = _feeds(input_ids, position_ids, attention_mask)
-        feeds.update(ring_masks(cache.rings, attention_mask, cache.length))
-        logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
-        names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
-        if cache.length == 0:  # a prompt through the decode graph: compact presents, stored once (rings keep
-            feeds.update(empty_pasts(cache.specs, b))  # their slots of it)
-            presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs]
-            self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
-            cache.store(presents)
-            return torch.from_numpy(logits), cache
-        presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
-        if cache.in_place:
-            # no padding: the graph whose attention takes no mask (faster), when the artifact has one
-            key = "decode_dense" if "decode_dense" in self.backend and bool(attention_mask.all()) else "decode"
-            self._run_in_place(cache, presents, feeds, logits, key)
-            cache.commit(t)
-            return torch.from_numpy(logits), cache
-        for spec, past in zip(cache.specs, cache.past()):
-            feeds[f"past_{spec.name.replace('.', '_')}"] = past
-        self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
-        cache.commit(t)
-        return torch.from_numpy(logits), cache
-
-    def _run_in_place(self, cache: KVCache, buffers: list[np.ndarray], feeds: dict[str, np.ndarray],
-                      logits: np.ndarray, graph: str = "decode") -> None:
-        """One decode step on the shared buffers; their bindings are made once and kept on the cache until a
-        growth (or a switch between ``decode`` and ``decode_dense``) replaces them (only ids, positions, mask
-        and logits are bound per step)."""
-        sess = self.session(graph)
-        key = (id(sess), tuple(buf.ctypes.data for buf in buffers))
-        if cache.binding is None or cache.binding[0] != key:
-            io = sess.io_binding()
-            for spec, buf in zip(cache.specs, buffers):
-                name = spec.name.replace(".", "_")
-                io.bind_cpu_input(f"past_{name}", buf)
-                io.bind_output(f"present_{name}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-            cache.binding = (key, io)
-        io = cache.binding[1]
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
-        io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        sess.run_with_iobinding(io)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        check_inputs(input_ids, attention_mask, position_ids)
-        if "forward" in self.backend:
-            out = self.session("forward").run(None, {k: v for k, v in _feeds(input_ids, position_ids,
-                                                                             attention_mask).items()})
-            return torch.from_numpy(out[0])
-        # the decode graph from an empty cache (a prompt): every token's logits; the presents are dropped
-        feeds = _feeds(input_ids, position_ids, attention_mask)
-        feeds.update(ring_masks(self.rings, attention_mask, 0))
-        feeds.update(empty_pasts(self.cache_specs, input_ids.shape[0]))
-        return torch.from_numpy(self.session("decode").run(["logits"], feeds)[0])
 
 
 def bind_weights(ep: Any, weights: dict[str, Tensor]) -> Any:
@@ -385,6 +278,7 @@ def engine_for(artifact: Any, threads: int | None = None) -> Engine:
     if name == "torch":
         return TorchEngine.from_artifact(artifact)
     if name == "onnx":
+        from .ort_engine import OrtEngine
         engine = OrtEngine(artifact.info, artifact.spec, artifact.path, backend, threads)
         # load now, so timings never include session creation; with a decode_dense graph the padded decode
         # graph loads at the first step that has padding (each session holds its own prepacked weights)

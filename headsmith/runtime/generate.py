@@ -118,8 +118,8 @@ def prepare(engine: Engine, prompts: Sequence[Sequence[int]], config: Generation
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
              stream: Callable[[int, int], None] | None = None, pad_id: int | None = None,
              draft: Any = None, k: int = 4) -> GenerationResult:
-    """Generate continuations of token-id ``prompts`` (see the module docstring). ``draft`` (``"ngram"`` or a
-    :class:`~headsmith.runtime.speculative.Draft`): speculative decoding with ``k`` drafted tokens per step
+    """Generate continuations of token-id ``prompts`` (see the module docstring). ``draft`` (a draft stored in the
+    artifact, ``"ngram"``, ``"auto"`` or a :class:`~headsmith.runtime.speculative.Draft`): speculative decoding with ``k`` drafted tokens per step
     (adaptive), the same output as without it (greedy) or the same distribution (sampling)."""
     config = config if config is not None else GenerationConfig()
     if draft is not None:

@@ -11,7 +11,8 @@ Two layouts:
   shared buffer): a step writes only its T new tokens and reads the first ``P+T``; nothing is copied.
 
 Growing past the capacity reallocates at twice the size (a copy, amortised); ``truncate`` drops the last
-tokens (speculative decoding's rollback; free in place).
+tokens (speculative decoding's rollback; free in place). A speculative draft's step writes only the entries of
+the layers it runs (``commit(t, entries)``); the runtime truncates its tokens away before the verify step.
 
 Entries with a ring (a sliding window, see ``ring.py``) keep a fixed ``S + W`` slots in either layout and never
 grow: ``length`` counts the tokens seen, ``tokens(i)`` the slots entry ``i`` holds. After a step that fills the
@@ -57,8 +58,9 @@ class KVCache:
     length: int = 0
     """Tokens seen."""
     in_place: bool = False
-    binding: Any = field(default=None, repr=False)
-    """An engine's bindings of the buffers (in place they stay valid from step to step until a growth)."""
+    bindings: dict[Any, Any] = field(default_factory=dict, repr=False)
+    """An engine's bindings of the buffers per graph (in place they stay valid from step to step until a
+    growth)."""
     rings: list[Ring | None] = field(default_factory=list, repr=False)
     _buffers: list[list[np.ndarray]] = field(default_factory=list, repr=False)
     _current: list[int] = field(default_factory=list, repr=False)
@@ -126,10 +128,13 @@ class KVCache:
         """The slots every entry holds (views; ring entries in slot order, see ``ring.py``)."""
         return [self._view(i, self._current[i], self.tokens(i)) for i in range(len(self.specs))]
 
-    def commit(self, new_tokens: int) -> None:
+    def commit(self, new_tokens: int, entries: list[int] | None = None) -> None:
         """The step wrote its present into ``present_views``: make it the past (ring entries file the new token
-        into its slot)."""
+        into its slot). ``entries``: the step wrote only these (a speculative draft's layers); the others hold
+        stale slots past their old length until the next ``truncate``."""
         for i, ring in enumerate(self.rings):
+            if entries is not None and i not in entries:
+                continue
             move = ring.after_step(self.length, new_tokens) if ring is not None else None
             if self.in_place:
                 if move is not None and move[1] >= 0:

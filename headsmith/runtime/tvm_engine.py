@@ -314,6 +314,26 @@ class TvmEngine:
         cache.step(t)
         return _to_torch(out[0]), cache
 
+    @property
+    def drafts(self) -> dict[str, dict[str, Any]]:
+        return dict(self.backend.get("drafts", {}))
+
+    def draft_decode(self, name: str, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                     cache: TvmCache) -> Tensor:
+        """A speculative draft's decode step: its function writes the new rows of the entries of the layers it
+        runs (the others keep stale rows until the runtime truncates the step away)."""
+        record = self.drafts[name]
+        t, total = input_ids.shape[1], attention_mask.shape[1]
+        if total != cache.length + t:
+            raise BackendError(f"decode got an attention mask of {total} tokens for {cache.length} cached + {t} new")
+        cache.reserve(total)
+        if on_cpu(self.device):
+            cache.tensors = [aligned(x) for x in cache.tensors]
+        out = self._call(record["decode"], input_ids.to(torch.int64), position_ids.to(torch.int64),
+                         attention_mask.to(torch.int64), *(cache.tensors[i] for i in record["cache"]))
+        cache.step(t)
+        return _to_torch(out[0])
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         if "forward" in self.backend.get("functions", []):
             out = self._call("forward", input_ids.to(torch.int64), position_ids.to(torch.int64),
