@@ -1,8 +1,13 @@
-"""Speculative decoding on SmolLM2-135M-Instruct: the prompt-lookup draft against plain decoding, same engine, same run.
+"""Speculative decoding on SmolLM2-135M-Instruct: each draft against plain decoding, same engine, same run.
 
-    python benchmarks/speculative.py [--backend onnx] [--onnx-attention plain] [--ks 2,4,6,adaptive]
-                                     [--batches 1,4] [--new-tokens 96] [--json F] [--plot F.png]
+    python benchmarks/speculative.py [--backend onnx|tvm|torch] [--onnx-attention plain] [--drafts ngram,int8,..]
+                                     [--passes "draft(...), ..."] [--ks 2,4,6,adaptive] [--batches 1,4]
+                                     [--new-tokens 96] [--json F] [--plot F.png]
     python benchmarks/speculative.py --replot fused.json,plain.json --plot F.png    # the rows of earlier runs
+
+Drafts: ``ngram`` (prompt lookup, no model) and the drafts the artifact stores, built by ``--passes`` (default:
+``DRAFTS``: the model with int8 weights, with int4 weights, and with 8 of its 30 blocks skipped; see
+passes/draft.py).
 
 Two prompt sets, through the chat template, greedy:
 
@@ -10,8 +15,8 @@ Two prompt sets, through the chat template, greedy:
   and the GPL-3), where the answer repeats spans of the input;
 - open-ended: instructions whose answer is not in the prompt.
 
-For every k (``adaptive``: start at 4, +2 after a fully accepted draft, -1 after a rejection, at most 8) and batch
-size: acceptance (accepted / drafted), mean accepted tokens per verify step, decode tok/s and the speed-up over plain
+For every draft, k (``adaptive``: start at 4; ngram: +2 after a fully accepted draft, -1 after a rejection; model
+drafts: the k of the best modelled speed-up for the acceptance seen; at most 8) and batch size: acceptance (accepted / drafted), mean accepted tokens per verify step, decode tok/s and the speed-up over plain
 greedy decoding of the same prompts timed in the same run (each run twice, the faster kept), and whether every
 output equals plain greedy's.
 """
@@ -32,6 +37,11 @@ from headsmith.runtime.generate import GenerationConfig, chat_prompt, generate
 from headsmith.runtime.speculative import speculative_generate
 
 MODEL = "smollm2-135m"
+DRAFTS = ('draft(method=quantized, passes="quantize(weights=int8)", label=int8), '
+          'draft(method=quantized, passes="quantize(weights=int4)", label=int4), '
+          'draft(method=layer-skip, layers=[4,7,12,13,14,16,17,18], label=skip)')
+# skip: the first 8 blocks the layer-skip search drops on SmolLM2 (it finds no set whose modelled speed-up passes 1,
+# see docs/speculative.md); measured here as the layer-skip row
 
 
 def passages(n: int, words: int = 90) -> list[str]:
@@ -72,8 +82,10 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: str) -> None:
     sets = list(dict.fromkeys(r["prompts"] for rows in runs.values() for r in rows))
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], sets):
-        series = [(f"{label}, batch {b}", [r for r in rows if r["prompts"] == name and r["batch"] == b])
-                  for label, rows in runs.items() for b in sorted({r["batch"] for r in rows})]
+        series = [(f"{label}{r0}, batch {b}", [r for r in rows if r["prompts"] == name and r["batch"] == b
+                                               and r.get("draft", "ngram") == d])
+                  for label, rows in runs.items() for d in dict.fromkeys(r.get("draft", "ngram") for r in rows)
+                  for r0 in [f" {d}" if label else d] for b in sorted({r["batch"] for r in rows})]
         ks = list(dict.fromkeys(r["k"] for _, rows in series for r in rows))
         width = 0.8 / max(1, len(series))
         for i, (label, rows) in enumerate(series):
@@ -83,15 +95,41 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: str) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"k={k}" for k in ks])
         ax.set(title=name, ylabel="speed-up over plain greedy")
         ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M, ONNX Runtime, prompt-lookup draft (2 threads)")
+    fig.suptitle("SmolLM2-135M, speculative decoding: speed-up of each draft (2 threads)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def measure(engine: Any, groups: list[list[list[int]]], plain: list[list[list[int]]], plain_s: float,
+            config: GenerationConfig, draft: str, k_text: str) -> dict[str, Any]:
+    """One row: every group speculatively decoded twice (the faster kept), against the plain run's outputs."""
+    adaptive = k_text == "adaptive"
+    k = 4 if adaptive else int(k_text)
+    same, spec_s, drafted, accepted, steps, tokens = True, 0.0, 0, 0, 0, 0
+    draft_ms = verify_ms = 0.0
+    for g, want in zip(groups, plain):
+        r = speculative_generate(engine, g, config, draft, k=k, adaptive=adaptive)
+        again = speculative_generate(engine, g, config, draft, k=k, adaptive=adaptive)
+        same &= r.tokens == want and again.tokens == want
+        spec_s += min(r.decode_seconds, again.decode_seconds)
+        drafted, accepted = drafted + r.stats["drafted"], accepted + r.stats["accepted"]
+        steps += r.decode_steps
+        tokens += sum(len(t) - 1 for t in r.tokens)
+        draft_ms += r.stats["draft_ms_per_step"] * r.decode_steps
+        verify_ms += r.stats["verify_ms_per_step"] * r.decode_steps
+    plain_tokens = sum(len(t) - 1 for rows in plain for t in rows)
+    return {"draft": draft, "k": k_text, "acceptance": accepted / max(1, drafted),
+            "mean_accepted": accepted / max(1, steps), "draft_ms_per_step": draft_ms / max(1, steps),
+            "verify_ms_per_step": verify_ms / max(1, steps), "plain_decode_tok_s": plain_tokens / plain_s,
+            "decode_tok_s": tokens / spec_s, "speedup": (tokens / spec_s) / (plain_tokens / plain_s), "lossless": same}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="onnx")
     ap.add_argument("--onnx-attention", default=None, help="ONNX lowering (plain: one verify call at batch > 1)")
+    ap.add_argument("--drafts", default="ngram,int8,int4,skip", help="ngram and drafts stored in the artifact")
+    ap.add_argument("--passes", default=DRAFTS, help="the passes that build the artifact's drafts")
     ap.add_argument("--ks", default="2,4,6,adaptive")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--new-tokens", type=int, default=96)
@@ -109,8 +147,8 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     options = {"attention": args.onnx_attention} if args.onnx_attention else None
-    name = f"{MODEL}-{args.backend}" + (f"-{args.onnx_attention}" if args.onnx_attention else "")
-    art = read_artifact(artifact(MODEL, args.backend, name=name, options=options))
+    name = f"{MODEL}-{args.backend}-drafts" + (f"-{args.onnx_attention}" if args.onnx_attention else "")
+    art = read_artifact(artifact(MODEL, args.backend, passes=args.passes, name=name, options=options))
     engine = engine_for(art, threads=2)
     config = GenerationConfig(max_new_tokens=args.new_tokens, stop_tokens=None)
     rows = []
@@ -123,29 +161,16 @@ def main() -> None:
                 first, second = generate(engine, g, config), generate(engine, g, config)
                 plain.append(first.tokens)
                 plain_s += min(first.decode_seconds, second.decode_seconds)
-            plain_tokens = sum(len(t) - 1 for r in plain for t in r)
-            for k_text in args.ks.split(","):
-                adaptive = k_text == "adaptive"
-                k = 4 if adaptive else int(k_text)
-                same, spec_s, drafted, accepted, steps, tokens = True, 0.0, 0, 0, 0, 0
-                for g, want in zip(groups, plain):
-                    r = speculative_generate(engine, g, config, "ngram", k=k, adaptive=adaptive)
-                    again = speculative_generate(engine, g, config, "ngram", k=k, adaptive=adaptive)
-                    same &= r.tokens == want and again.tokens == want
-                    spec_s += min(r.decode_seconds, again.decode_seconds)
-                    drafted, accepted = drafted + r.stats["drafted"], accepted + r.stats["accepted"]
-                    steps += r.decode_steps
-                    tokens += sum(len(t) - 1 for t in r.tokens)
-                row = {"prompts": set_name, "batch": batch, "k": k_text, "acceptance": accepted / max(1, drafted),
-                       "mean_accepted": accepted / max(1, steps), "plain_decode_tok_s": plain_tokens / plain_s,
-                       "decode_tok_s": tokens / spec_s, "speedup": (tokens / spec_s) / (plain_tokens / plain_s),
-                       "lossless": same}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    print(f"\n# {MODEL} ({args.backend} engine), prompt-lookup draft, greedy, {args.new_tokens} new tokens, "
-          f"{machine()}\n")
-    print(table(rows, [("prompts", "prompts", ""), ("batch", "batch", "d"), ("k", "k", ""),
+            for draft in args.drafts.split(","):
+                for k_text in args.ks.split(","):
+                    row = measure(engine, groups, plain, plain_s, config, draft, k_text)
+                    row.update(prompts=set_name, batch=batch)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print(f"\n# {MODEL} ({args.backend} engine), greedy, {args.new_tokens} new tokens, {machine()}\n")
+    print(table(rows, [("prompts", "prompts", ""), ("batch", "batch", "d"), ("draft", "draft", ""), ("k", "k", ""),
                        ("acceptance", "acceptance", ".2f"), ("mean_accepted", "accepted / step", ".2f"),
+                       ("draft_ms_per_step", "draft ms / step", ".1f"), ("verify_ms_per_step", "verify ms / step", ".1f"),
                        ("plain_decode_tok_s", "plain tok/s", ".1f"), ("decode_tok_s", "speculative tok/s", ".1f"),
                        ("speedup", "speed-up", ".2f"), ("lossless", "= plain", "")]))
     lowering = f"{args.backend} {art.manifest['backend'].get('attention', '')}".strip()

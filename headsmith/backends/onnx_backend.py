@@ -118,17 +118,18 @@ def share_weights(primary: Path, secondary: Path) -> None:
         if edh.uses_external_data(init):
             a_info[init.name] = ({e.key: e.value for e in init.external_data}, init.data_type)
     b = onnx.load(str(secondary), load_external_data=True)
-    data_a = primary.parent / next(iter(a_info.values()))[0]["location"] if a_info else None
-    blob = data_a.read_bytes() if data_a is not None else b""
+    blobs: dict[str, bytes] = {}  # primary's data files (a draft's graph points into two: the target's and its own)
     moved = 0
     for init in b.graph.initializer:
         info = a_info.get(init.name)
         if info is None or info[1] != init.data_type:
             continue
         ext, _ = info
+        if ext["location"] not in blobs:
+            blobs[ext["location"]] = (primary.parent / ext["location"]).read_bytes()
         offset, length = int(ext.get("offset", 0)), int(ext["length"])
         raw = onnx.numpy_helper.to_array(init).tobytes()
-        if raw != blob[offset:offset + length]:
+        if raw != blobs[ext["location"]][offset:offset + length]:
             continue
         init.ClearField("raw_data")
         del init.float_data[:]
@@ -210,6 +211,8 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
             export_graph(gm, d_example, d_dynamic, directory / file, d_inputs, outputs, variant,
                          accuracy_level=accuracy_level, dense=dense_graph)
             share_weights(directory / "prefill.onnx", directory / file)
+            if dense_graph:  # the draft's own weights (low-bit ones) are stored once, by its masked graph
+                share_weights(directory / d.file(".onnx"), directory / file)
             names.append(file)
         if _gqa_presents(directory / d.file(".onnx"))[1] != in_place:
             raise BackendError(f"draft {d.name}'s decode graph does not update the cache the way the target's does "
@@ -256,4 +259,7 @@ def ort_session(path: Path, threads: int | None = None) -> Any:
     opts.intra_op_num_threads = threads or max(1, (os.cpu_count() or 1))
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    # spin inside a run, stop at its end: threads still spinning after one session's run compete with the next
+    # session's (a speculative draft's step right after the target's took twice as long on 2 cores)
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers())

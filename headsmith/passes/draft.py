@@ -232,15 +232,16 @@ def block_bytes(program: Program, block: Block) -> int:
     """Weight bytes one block reads (each tensor once)."""
     seen: dict[int, int] = {}
     for node in block.nodes:
-        if node.op == "get_attr":
-            t = get_tensor(program.gm, str(node.target))
-            seen[id(t)] = t.numel() * t.element_size()
+        for arg in (node, *node.all_input_nodes):
+            if arg.op == "get_attr":
+                t = get_tensor(program.gm, str(arg.target))
+                seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
 
 
 @torch.no_grad()
 def search_skip(program: Program, blocks: list[Block], ids: Tensor, limit: int, ctx: PassContext, rows: int = 2,
-                patience: int = 3) -> tuple[set[int], dict[str, Any]]:
+                patience: int = 4) -> tuple[set[int], dict[str, Any]]:
     """Greedy backward elimination by agreement; the prefix of removals with the best modelled speed-up."""
     runner = BlockRunner(program, blocks)
     inputs = list(batches(program, ids, rows))
@@ -274,7 +275,7 @@ def search_skip(program: Program, blocks: list[Block], ids: Tensor, limit: int, 
                 f"cost {cost:.2f}, modelled speed-up {speedup:.2f}x at k={k}")
         if speedup > best[0]:
             best = (speedup, k, len(removed))
-        elif len(removed) - best[2] >= patience:
+        elif best[2] and len(removed) - best[2] >= patience:  # none found yet: go on to the limit
             break
     order = [t["skip"] for t in trail]
     chosen = set(order[:best[2]])

@@ -285,6 +285,8 @@ def engine_for(artifact: Any, threads: int | None = None) -> Engine:
         for key in ("prefill", "decode_dense" if "decode_dense" in backend else "decode", "forward"):
             if key in backend:
                 engine.session(key)
+        for record in backend.get("drafts", {}).values():  # speculative drafts: the same graph choice
+            engine.session(record.get("decode_dense", record["decode"]))
         return engine
     if name == "tvm":
         from .tvm_engine import TvmEngine

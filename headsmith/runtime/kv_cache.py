@@ -64,10 +64,13 @@ class KVCache:
     rings: list[Ring | None] = field(default_factory=list, repr=False)
     _buffers: list[list[np.ndarray]] = field(default_factory=list, repr=False)
     _current: list[int] = field(default_factory=list, repr=False)
+    _behind: list[int] = field(default_factory=list, repr=False)
+    """Per entry, tokens it lacks after steps that wrote only other entries (a draft's, see ``commit``)."""
 
     def __post_init__(self) -> None:
         self.rings = rings_of(self.specs)
         self._current = [0] * len(self.specs)
+        self._behind = [0] * len(self.specs)
         self._allocate(self.capacity)
 
     def shape_for(self, spec: CacheSpec, tokens: int) -> tuple[int, ...]:
@@ -75,7 +78,7 @@ class KVCache:
 
     def tokens(self, i: int, seen: int | None = None) -> int:
         """Slots entry ``i`` holds after ``seen`` tokens (default: now)."""
-        seen = self.length if seen is None else seen
+        seen = self.length - self._behind[i] if seen is None else seen
         ring = self.rings[i]
         return ring.slots(seen) if ring is not None else seen
 
@@ -130,10 +133,11 @@ class KVCache:
 
     def commit(self, new_tokens: int, entries: list[int] | None = None) -> None:
         """The step wrote its present into ``present_views``: make it the past (ring entries file the new token
-        into its slot). ``entries``: the step wrote only these (a speculative draft's layers); the others hold
-        stale slots past their old length until the next ``truncate``."""
+        into its slot). ``entries``: the step wrote only these (a speculative draft's layers); the others lack
+        its tokens (``tokens(i)`` counts what they hold) until ``truncate`` cuts every entry back."""
         for i, ring in enumerate(self.rings):
             if entries is not None and i not in entries:
+                self._behind[i] += new_tokens
                 continue
             move = ring.after_step(self.length, new_tokens) if ring is not None else None
             if self.in_place:
@@ -183,12 +187,17 @@ class KVCache:
         for ring in self.rings:
             if ring is not None:
                 ring.check_truncate(self.length, length)
+        for i, behind in enumerate(self._behind):
+            if self.length - behind < length:
+                raise ValueError(f"cache entry {self.specs[i].name} holds {self.length - behind} tokens, fewer than "
+                                 f"the {length} to keep")
         if not self.in_place:
             for i in range(len(self.specs)):
                 np.copyto(self._view(i, 1 - self._current[i], self.tokens(i, length)),
                           self._tokens(self._view(i, self._current[i], self.tokens(i)), i, self.tokens(i, length)))
                 self._current[i] = 1 - self._current[i]
         self.length = length
+        self._behind = [0] * len(self.specs)
 
     def _grow(self, capacity: int) -> None:
         old = self.valid()

@@ -160,7 +160,7 @@ class OrtEngine:
         positions, mask and logits are bound per step)."""
         sess = self.session(graph)
         names = names or [spec.name for spec in cache.specs]
-        key = tuple(buf.ctypes.data for buf in buffers)
+        key = tuple((buf.ctypes.data, buf.shape) for buf in buffers)  # shapes too: a later growth may reuse addresses
         bound = cache.bindings.get(id(sess))
         if bound is None or bound[0] != key:
             io = sess.io_binding()

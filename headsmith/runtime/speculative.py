@@ -142,10 +142,16 @@ def _accept(logits: Tensor, drafted: list[int], config: GenerationConfig, genera
 @dataclass
 class ModelDraft:
     """A draft stored in the artifact (``passes/draft.py``): its decode graph, run by the engine on the target's
-    cache (see the module docstring)."""
+    cache (see the module docstring). With ``lookup`` (``ngram+NAME``), a row whose latest 2- or 3-gram occurred
+    before takes prompt lookup's proposal (free), and the model drafts only for the other rows."""
 
-    name: str
+    stored: str
     record: dict[str, Any]
+    lookup: NgramDraft | None = None
+
+    @property
+    def name(self) -> str:
+        return f"ngram+{self.stored}" if self.lookup is not None else self.stored
 
     def propose_batch(self, engine: Any, last: list[int], mask: Tensor, next_pos: Tensor, cache: Any,
                       widths: list[int], config: GenerationConfig, generator: torch.Generator | None,
@@ -163,7 +169,7 @@ class ModelDraft:
         x = torch.tensor([t if w > 0 else pad for t, w in zip(last, widths)], dtype=torch.int64)[:, None]
         for j in range(width):
             mask = torch.cat([mask, live], 1)
-            logits = engine.draft_decode(self.name, x, mask, next_pos[:, None] + j, cache)[:, -1]
+            logits = engine.draft_decode(self.stored, x, mask, next_pos[:, None] + j, cache)[:, -1]
             for r in range(b):
                 if j >= widths[r]:
                     continue
@@ -220,9 +226,9 @@ class DraftCost:
 
 
 def draft_for(name: str | Draft, engine: Any = None) -> Draft | ModelDraft:
-    """A draft by name: one stored in the artifact (``engine.drafts``), ``ngram``, or ``auto`` (the stored draft
-    with the best modelled speed-up from its calibration agreement and weight bytes, else ``ngram``); or the
-    draft itself."""
+    """A draft by name: one stored in the artifact (``engine.drafts``), ``ngram``, ``ngram+NAME`` (prompt lookup
+    where it finds a match, else the stored draft), or ``auto`` (``ngram+`` the stored draft with the best modelled
+    speed-up from its calibration agreement and weight bytes, else ``ngram``); or the draft itself."""
     if not isinstance(name, str):
         return name
     stored = dict(getattr(engine, "drafts", {}) or {})
@@ -231,11 +237,13 @@ def draft_for(name: str | Draft, engine: Any = None) -> Draft | ModelDraft:
         modelled = {n: expected_speedup(float(r.get("top1_agreement", 0.0)), float(r.get("weight_bytes_ratio", 1.0)))[0]
                     for n, r in stored.items()}
         best = max(modelled, key=lambda n: modelled[n], default=None)
-        name = best if best is not None and modelled[best] > 1.0 else "ngram"
+        name = f"ngram+{best}" if best is not None and modelled[best] > 1.0 else "ngram"
+    if name.startswith("ngram+") and name[6:] in stored:
+        return ModelDraft(name[6:], stored[name[6:]], NgramDraft(min_ngram=2))
     if name in stored:
         return ModelDraft(name, stored[name])
     if name not in DRAFTS:
-        known = [*stored, *DRAFTS, "auto"]
+        known = [*stored, *DRAFTS, *(f"ngram+{n}" for n in stored), "auto"]
         raise HeadsmithError(f"unknown draft {name!r} (known here: {', '.join(known)})",
                              "use --draft ngram, or convert with draft(method=layer-skip|quantized|pruned) to store "
                              "a draft built from the model")
@@ -251,8 +259,8 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
     model = isinstance(drafter, ModelDraft)
     if k < 1 or max_k < k:
         raise HeadsmithError(f"speculative decoding needs 1 <= k <= max_k, got k={k}, max_k={max_k}")
-    if model and drafter.name not in (getattr(engine, "drafts", None) or {}):
-        raise HeadsmithError(f"the {engine.name} engine has no draft {drafter.name!r}",
+    if model and drafter.stored not in (getattr(engine, "drafts", None) or {}):
+        raise HeadsmithError(f"the {engine.name} engine has no draft {drafter.stored!r}",
                              "convert the model with draft(...) in its passes")
     info = engine.info
     stops, pad, ids, mask, positions, generator = prepare(engine, prompts, config, pad_id)
@@ -293,12 +301,22 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
     while not all(done):
         t0 = time.perf_counter()
         widths = [0 if done[r] else min(k, config.max_new_tokens - len(out[r]) - 1) for r in range(b)]
-        qs: list[list[Tensor]] | None = None
+        qs: list[list[Tensor] | None] = [None] * b
         shadow: list[list[int]] = []
+        modelled = 0  # tokens the model drafted for its longest row
         if model:
-            drafts, qs = drafter.propose_batch(engine, [out[r][-1] if out[r] else pad for r in range(b)], mask,
-                                               next_pos, cache, widths, config, generator,
-                                               [blocked_at(r) for r in range(b)], pad)
+            looked = [drafter.lookup.propose(history[r], widths[r]) if drafter.lookup and widths[r] else []
+                      for r in range(b)]
+            need = [0 if looked[r] else widths[r] for r in range(b)]
+            drafts, dist = drafter.propose_batch(engine, [out[r][-1] if out[r] else pad for r in range(b)], mask,
+                                                 next_pos, cache, need, config, generator,
+                                                 [blocked_at(r) for r in range(b)], pad)
+            modelled = max(need)
+            for r in range(b):
+                if looked[r]:
+                    drafts[r] = looked[r]
+                elif dist is not None:
+                    qs[r] = dist[r]
         else:
             drafts = [drafter.propose(history[r], widths[r]) if widths[r] else [] for r in range(b)]
             if adaptive and k == 0:
@@ -322,8 +340,8 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
         logits, cache = engine.decode(feed, mask, next_pos[:, None] + torch.arange(1 + width)[None], cache)
         verify_s = time.perf_counter() - t0
         stats.verify_seconds += verify_s
-        kept = [[] if done[r] else _accept(logits[r], drafts[r], config, generator, blocked_at(r),
-                                          qs[r] if qs is not None else None) for r in range(b)]
+        kept = [[] if done[r] else _accept(logits[r], drafts[r], config, generator, blocked_at(r), qs[r])
+                for r in range(b)]
         accepted = [max(0, len(x) - 1) for x in kept]  # draft tokens now in the cache (the last one is not yet)
         keep = base + 1 + max(accepted[r] for r in range(b) if not done[r])  # a live row exists inside the loop
         cache.truncate(keep)
@@ -343,9 +361,10 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
         if costs is not None:
             costs.accepted += sum(accepted)
             costs.drafted += sum(len(d) for d in drafts)
-            if width:
-                costs.draft_seconds += draft_s / width
+            if modelled:
+                costs.draft_seconds += draft_s / modelled
                 costs.draft_steps += 1
+            if width:
                 costs.verify_seconds += verify_s
                 costs.verify_steps += 1
             k = costs.next_k(max_k)
