@@ -80,7 +80,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     sets = list(dict.fromkeys(r["prompts"] for rows in runs.values() for r in rows))
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], sets):
         series = [(f"{label}{r0}, batch {b}", [r for r in rows if r["prompts"] == name and r["batch"] == b
                                                and r.get("draft", "ngram") == d])
@@ -94,9 +94,10 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: str) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"k={k}" for k in ks])
         ax.set(title=name, ylabel="speed-up over plain greedy")
-        ax.legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle("SmolLM2-135M, speculative decoding: speed-up of each draft (2 threads)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -142,7 +143,7 @@ def main() -> None:
         for path in args.replot.split(","):
             with open(path) as f:
                 data = json.load(f)
-            runs[data.get("lowering", path)] = data["rows"]
+            runs.setdefault(data.get("lowering", path), []).extend(data["rows"])  # runs of one lowering merge
         plot(runs, args.plot or "speculative.png")
         return
     torch.set_num_threads(2)

@@ -131,3 +131,43 @@ def _always_verify(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
 @pytest.fixture
 def tmp_out(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+def sampled_joint_chi_square(program: headsmith.Program, engine: object, draft: object, n: int = 1000
+                             ) -> tuple[float, int, dict[str, int]]:
+    """Three tokens sampled (temperature 1, top-k 2) after a fixed prompt with speculative decoding (k = 2: the
+    second and third come from a verified draft step), ``n`` seeded runs: the chi-square statistic of their joint
+    frequencies against the target's exact joint distribution, the number of outcomes (8), and the drafted /
+    accepted counts. ``draft`` may be a callable ``probs -> Draft`` (a draft built on the exact distribution)."""
+    import functools
+
+    from headsmith.runtime.generate import GenerationConfig, distribution
+    from headsmith.runtime.speculative import speculative_generate
+
+    config = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=2, stop_tokens=())
+    base = (5, 6, 7, 8, 5, 6, 7)
+
+    @functools.cache
+    def probs(ids: tuple[int, ...]) -> torch.Tensor:
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            logits = program(t, torch.ones_like(t), torch.arange(len(ids))[None])[:, -1]
+        return distribution(logits, config)[0]
+
+    def support(ids: tuple[int, ...]) -> list[int]:
+        return [int(x) for x in probs(ids).nonzero()[:, 0]]
+
+    exact = {(a, b, c): float(probs(base)[a] * probs(base + (a,))[b] * probs(base + (a, b))[c])
+             for a in support(base) for b in support(base + (a,)) for c in support(base + (a, b))}
+    drafter = draft(probs) if callable(draft) else draft
+    counts: dict[tuple[int, ...], int] = {}
+    stats = {"drafted": 0, "accepted": 0}
+    for seed in range(n):
+        result = speculative_generate(engine, [list(base)], GenerationConfig(**{**config.__dict__, "seed": seed}),
+                                      drafter, k=2, adaptive=False)  # type: ignore[arg-type]
+        counts[tuple(result.tokens[0])] = counts.get(tuple(result.tokens[0]), 0) + 1
+        stats = {key: stats[key] + result.stats[key] for key in stats}
+    assert set(counts) <= set(exact)
+    chi2 = sum((counts.get(x, 0) - n * p) ** 2 / (n * p) for x, p in exact.items())
+    return chi2, len(exact), stats
+

@@ -19,10 +19,10 @@ from headsmith.fxutil import get_tensor, set_tensor
 from headsmith.passes.draft import expected_speedup
 from headsmith.program import Program
 from headsmith.runtime.engine import TorchEngine, engine_for
-from headsmith.runtime.generate import GenerationConfig, distribution, generate
+from headsmith.runtime.generate import GenerationConfig, generate
 from headsmith.runtime.speculative import ModelDraft, draft_for, speculative_generate
 
-from .conftest import _ROOT, tiny_program
+from .conftest import _ROOT, sampled_joint_chi_square, tiny_program
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 12, 13, 9, 10, 11], [3, 4, 5], [40, 41, 42, 43, 44, 45, 46]]
 DRAFTS = ('draft(method=layer-skip, layers=[1], label=skip), draft(method=quantized, label=int4), '
@@ -155,34 +155,9 @@ def test_rejection_sampling_with_the_drafts_distribution() -> None:
     """Three sampled tokens, the last two from a verified step of the skip draft (q is its own distribution, not
     one-hot): 1000 seeded runs against the target's exact joint distribution (chi-square, 0.1% level)."""
     program = with_drafts()
-    engine = TorchEngine.from_program(program)
-    config = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=2, stop_tokens=())
-    prompt = [5, 6, 7, 8, 5, 6, 7]
-
-    @functools.cache
-    def probs(ids: tuple[int, ...]) -> torch.Tensor:
-        t = torch.tensor([ids])
-        with torch.no_grad():
-            logits = program(t, torch.ones_like(t), torch.arange(len(ids))[None])[:, -1]
-        return distribution(logits, config)[0]
-
-    def support(ids: tuple[int, ...]) -> list[int]:
-        return [int(x) for x in probs(ids).nonzero()[:, 0]]
-
-    base = tuple(prompt)
-    exact = {(a, b, c): float(probs(base)[a] * probs(base + (a,))[b] * probs(base + (a, b))[c])
-             for a in support(base) for b in support(base + (a,)) for c in support(base + (a, b))}
-    counts: dict[tuple[int, ...], int] = {}
-    n, drafted, accepted = 1000, 0, 0
-    for seed in range(n):
-        result = speculative_generate(engine, [prompt], GenerationConfig(**{**config.__dict__, "seed": seed}),
-                                      "skip", k=2, adaptive=False)
-        counts[tuple(result.tokens[0])] = counts.get(tuple(result.tokens[0]), 0) + 1
-        drafted, accepted = drafted + result.stats["drafted"], accepted + result.stats["accepted"]
-    assert 0 < accepted < drafted
-    assert set(counts) <= set(exact)
-    chi2 = sum((counts.get(x, 0) - n * p) ** 2 / (n * p) for x, p in exact.items())
-    assert len(exact) == 8 and chi2 < 24.32, (chi2, counts, exact)  # chi-square(7 dof) 0.999 quantile
+    chi2, outcomes, stats = sampled_joint_chi_square(program, TorchEngine.from_program(program), "skip")
+    assert 0 < stats["accepted"] < stats["drafted"]
+    assert outcomes == 8 and chi2 < 24.32, chi2  # chi-square(7 dof) 0.999 quantile
 
 
 def test_auto_unknown_and_cli() -> None:
@@ -211,3 +186,12 @@ def test_tensorrt_refuses_drafts() -> None:
     with pytest.raises(HeadsmithError, match="TensorRT backend does not build speculative drafts"):
         lower_tensorrt(with_drafts(), _ROOT, None)
 
+
+
+def test_bench_times_a_stored_draft() -> None:
+    from headsmith.runtime.bench import run_bench
+
+    engine = TorchEngine.from_program(with_drafts())
+    row = run_bench(engine, None, [24], 12, 1_000_000, 1024, repeats=1, draft="same", k=3)["contexts"][0]
+    assert row["lossless"] and row["draft_name"] == "same" and row["acceptance"] > 0.9
+    assert {"draft_ms_per_step", "verify_ms_per_step", "speedup", "mean_accepted"} <= set(row)

@@ -5,6 +5,7 @@ target's distribution."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,10 +16,10 @@ from headsmith.backends.artifact import read_artifact
 from headsmith.errors import HeadsmithError
 from headsmith.program import Program
 from headsmith.runtime.engine import TorchEngine, engine_for
-from headsmith.runtime.generate import GenerationConfig, distribution, generate
+from headsmith.runtime.generate import GenerationConfig, generate
 from headsmith.runtime.speculative import NgramDraft, speculative_generate
 
-from .conftest import _ROOT, tiny_program
+from .conftest import _ROOT, sampled_joint_chi_square, tiny_program
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 12, 13, 9, 10, 11], [3, 4, 5], [40, 41, 42, 43, 44, 45, 46]]
 
@@ -131,46 +132,23 @@ def test_rejection_sampling_keeps_the_target_distribution() -> None:
     """Three sampled tokens after a prompt (the second and third come from a verified draft step), 1000 seeded
     runs: their joint frequencies against the target's exact joint distribution (chi-square, 0.1% level)."""
     program = tiny_program("llama")
-    engine = TorchEngine.from_program(program)
-    config = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=2, stop_tokens=())
-    prompt = [5, 6, 7, 8, 5, 6, 7]
-
-    @functools.cache
-    def probs(ids: tuple[int, ...]) -> torch.Tensor:
-        t = torch.tensor([ids])
-        with torch.no_grad():
-            logits = program(t, torch.ones_like(t), torch.arange(len(ids))[None])[:, -1]
-        return distribution(logits, config)[0]
-
-    def support(ids: tuple[int, ...]) -> list[int]:
-        return [int(x) for x in probs(ids).nonzero()[:, 0]]
 
     @dataclass
     class GreedyDraft:
         """The target's own likeliest next tokens (a deterministic draft, right about half of the time here)."""
 
+        probs: Callable[[tuple[int, ...]], torch.Tensor]
         name: str = "greedy-self"
 
         def propose(self, history: list[int], k: int) -> list[int]:
             out: list[int] = []
             for _ in range(k):
-                out.append(int(probs(tuple(history + out)).argmax()))
+                out.append(int(self.probs(tuple(history + out)).argmax()))
             return out
 
-    base = tuple(prompt)
-    exact = {(a, b, c): float(probs(base)[a] * probs(base + (a,))[b] * probs(base + (a, b))[c])
-             for a in support(base) for b in support(base + (a,)) for c in support(base + (a, b))}
-    counts: dict[tuple[int, ...], int] = {}
-    n, drafted, accepted = 1000, 0, 0
-    for seed in range(n):
-        result = speculative_generate(engine, [prompt], GenerationConfig(**{**config.__dict__, "seed": seed}),
-                                      GreedyDraft(), k=2, adaptive=False)
-        counts[tuple(result.tokens[0])] = counts.get(tuple(result.tokens[0]), 0) + 1
-        drafted, accepted = drafted + result.stats["drafted"], accepted + result.stats["accepted"]
-    assert 0 < accepted < drafted  # drafts were both accepted and rejected
-    assert set(counts) <= set(exact)
-    chi2 = sum((counts.get(x, 0) - n * p) ** 2 / (n * p) for x, p in exact.items())
-    assert len(exact) == 8 and chi2 < 24.32, (chi2, counts, exact)  # chi-square(7 dof) 0.999 quantile
+    chi2, outcomes, stats = sampled_joint_chi_square(program, TorchEngine.from_program(program), GreedyDraft)
+    assert 0 < stats["accepted"] < stats["drafted"]  # drafts were both accepted and rejected
+    assert outcomes == 8 and chi2 < 24.32, chi2  # chi-square(7 dof) 0.999 quantile
 
 
 def test_speculative_refuses_ring_caches_unknown_drafts_and_foreign_tokens() -> None:

@@ -6,7 +6,16 @@ graph only: ``draft_<name>`` in the artifact). It shares the target's weights wh
 (layer-skip: all of them, so nothing more is stored) and the target's KV cache: for every layer it runs, its decode
 graph reads the target's cached keys and values (computed by the full model, so the draft sees the exact context)
 and appends its own for the drafted tokens, which the verify step then overwrites (Draft & Verify, Zhang et al.
-2023; SWIFT, Xia et al. 2024). So a draft needs no prefill, no cache and no rollback of its own. One step::
+2023; SWIFT, Xia et al. 2024). So a draft needs no prefill, no cache and no rollback of its own.
+
+Before / after, ``draft(layers=[1])`` on 3 blocks::
+
+    h1 = block0(h0)                 target (unchanged)             draft_layer-skip (blocks 0 and 2, layers 0, 2)
+    h2 = block1(h1)        ->       h1 = block0(h0) .. h3 = ..  +   h1 = block0(h0)
+    h3 = block2(h2)                                                 h3 = block2(h1)       # same weight tensors
+    logits = head(h3)                                               logits = head(h3)
+
+One speculative step::
 
     target cache [P]  --draft(last) -> d1 --draft(d1) -> d2 ... dk     (draft layers append at P, P+1, ..)
     truncate to P;   verify([last, d1 .. dk]) on the target            (every layer writes P .. P+k)
