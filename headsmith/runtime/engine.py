@@ -7,9 +7,10 @@ Letters: B batch, T new tokens, P cached tokens, V vocab.
 - ``forward(ids, mask, pos) -> logits[B,T,V]`` (or hidden states for encoders), no cache (evaluation).
 
 Inputs are int64 torch tensors, outputs float32 torch tensors. ``TorchEngine`` runs the prefill/decode FX
-graphs (from a Program in memory or the ``.pt2`` files of an artifact); ``OrtEngine`` runs the ONNX files
-with onnxruntime (CUDA when present, else CPU), binding inputs and outputs to the preallocated
-:class:`~headsmith.runtime.kv_cache.KVCache` buffers so a decode step allocates nothing.
+graphs (from a Program in memory or the ``.pt2`` files of an artifact); ``OrtEngine`` (``ort_engine.py``) runs
+the ONNX files with onnxruntime, ``TvmEngine`` (``tvm_engine.py``) the TVM library. Engines of an artifact with
+speculative drafts (``passes/draft.py``) also have ``drafts`` and ``draft_decode``: a draft's step on the target's
+cache, writing only the entries of the layers the draft runs.
 
 Layers with a sliding window keep ring caches (``ring.py``): every engine feeds their ``ring_mask_*`` inputs and
 runs a step that would not fit a full ring as steps of fewer tokens (:func:`decode_in_steps`).
