@@ -16,8 +16,9 @@ Two prompt sets, through the chat template, greedy:
 - open-ended: instructions whose answer is not in the prompt.
 
 For every draft, k (``adaptive``: start at 4; ngram: +2 after a fully accepted draft, -1 after a rejection; model
-drafts: the k of the best modelled speed-up for the acceptance seen; at most 8) and batch size: acceptance (accepted / drafted), mean accepted tokens per verify step, decode tok/s and the speed-up over plain
-greedy decoding of the same prompts timed in the same run (each run twice, the faster kept), and whether every
+drafts: the k of the best modelled speed-up for the acceptance seen; at most 8) and batch size: acceptance
+(accepted / drafted), mean accepted tokens per verify step, draft and verify time per step, decode tok/s and the
+speed-up over plain greedy decoding of the same prompts timed in the same run (each run twice, the faster kept), and whether every
 output equals plain greedy's.
 """
 
@@ -171,7 +172,8 @@ def main() -> None:
     print(f"\n# {MODEL} ({args.backend} engine), greedy, {args.new_tokens} new tokens, {machine()}\n")
     print(table(rows, [("prompts", "prompts", ""), ("batch", "batch", "d"), ("draft", "draft", ""), ("k", "k", ""),
                        ("acceptance", "acceptance", ".2f"), ("mean_accepted", "accepted / step", ".2f"),
-                       ("draft_ms_per_step", "draft ms / step", ".1f"), ("verify_ms_per_step", "verify ms / step", ".1f"),
+                       ("draft_ms_per_step", "draft ms / step", ".1f"),
+                       ("verify_ms_per_step", "verify ms / step", ".1f"),
                        ("plain_decode_tok_s", "plain tok/s", ".1f"), ("decode_tok_s", "speculative tok/s", ".1f"),
                        ("speedup", "speed-up", ".2f"), ("lossless", "= plain", "")]))
     lowering = f"{args.backend} {art.manifest['backend'].get('attention', '')}".strip()
