@@ -18,8 +18,8 @@ Two prompt sets, through the chat template, greedy:
 For every draft, k (``adaptive``: start at 4; ngram: +2 after a fully accepted draft, -1 after a rejection; model
 drafts: the k of the best modelled speed-up for the acceptance seen; at most 8) and batch size: acceptance
 (accepted / drafted), mean accepted tokens per verify step, draft and verify time per step, decode tok/s and the
-speed-up over plain greedy decoding of the same prompts timed in the same run (each run twice, the faster kept), and whether every
-output equals plain greedy's.
+speed-up over plain greedy decoding of the same prompts timed in the same run (each run twice, the faster kept),
+and whether every output equals plain greedy's.
 """
 
 from __future__ import annotations
