@@ -124,7 +124,7 @@ class Draft(Pass):
             if bad or len(skip) >= len(blocks):
                 raise PassError(f"cannot skip blocks {sorted(skip)} of {len(blocks)}",
                                 f"give block indices in 0..{len(blocks) - 1}, keeping at least one")
-            draft = skip_blocks(program, blocks, skip)
+            draft = skip_blocks(program, skip)
             report["skipped"] = sorted(skip)
         else:
             draft, report = self._pipeline(program, ctx)
@@ -149,7 +149,7 @@ class Draft(Pass):
         if any(p.name == "draft" for p in manager.passes):
             raise PassError("a draft's passes cannot add drafts of their own", "list each draft(...) at the top level")
         source = stamp_layers(program)
-        sub = dataclasses.replace(ctx, source=None, warnings=ctx.warnings)
+        sub = dataclasses.replace(ctx, source=None)  # heal inside the draft compares with the draft's input
         out = manager.run(source, sub)
         return dataclasses.replace(out, drafts=()), {"passes": spec}
 
@@ -184,29 +184,37 @@ def source_layers(draft: Program) -> dict[int, int]:
     return out
 
 
-def check_cache(target: Program, draft: Program) -> list[int]:
-    """The target layers the draft runs; every draft cache entry must have the shape of the target's entry of
-    that layer and slot (the draft reads and writes the target's cache)."""
+def shared_entries(target: Program, draft: Program) -> list[tuple[int, int]]:
+    """``(target layer, index of the target's cache entry)`` for each draft cache entry, in the draft's order; every
+    one must have the shape of the target's entry of that layer and slot (the draft reads and writes the target's
+    cache)."""
     origin = source_layers(draft)
-    theirs = {(e.layer, e.group, e.slot): e for e in cache_layout(target)}
+    theirs = {(e.layer, e.group, e.slot): (i, e) for i, e in enumerate(cache_layout(target))}
+    out = []
     for e in cache_layout(draft):
         source = origin.get(e.layer, e.layer)
-        t = theirs.get((source, e.group, e.slot))
+        i, t = theirs.get((source, e.group, e.slot), (-1, None))
         if t is None or t.shape != e.shape or t.seq_dim != e.seq_dim or t.window != e.window:
             what = "has no such entry" if t is None else f"caches {list(t.shape)}"
             raise PassError(f"the draft's cache entry {e.name} {list(e.shape)} does not fit the target's cache "
                             f"(its layer {source} {what})",
                             "a draft shares the target's cache: keep its KV heads and head dims (no gqa, mla or "
                             "prune-heads in the draft's passes)")
-    return sorted({origin.get(e.layer, e.layer) for e in cache_layout(draft)})
+        out.append((source, i))
+    return out
 
 
-def skip_blocks(program: Program, blocks: list[Block], skip: set[int]) -> Program:
+def check_cache(target: Program, draft: Program) -> list[int]:
+    """The target layers the draft runs (refused unless its cache fits the target's, see :func:`shared_entries`)."""
+    return sorted({layer for layer, _ in shared_entries(target, draft)})
+
+
+def skip_blocks(program: Program, skip: set[int]) -> Program:
     """The program with ``skip`` blocks bypassed; the others keep their layer numbers and weights (shared)."""
     out = program.clone()
-    new_blocks = find_blocks(out)
+    blocks = find_blocks(out)
     for i in sorted(skip, reverse=True):
-        new_blocks[i].x_out.replace_all_uses_with(new_blocks[i].x_in)
+        blocks[i].x_out.replace_all_uses_with(blocks[i].x_in)
     erase_dead(out.gm.graph)
     prune_unused_attrs(out.gm)
     out.gm.graph.lint()
@@ -298,17 +306,13 @@ def search_skip(program: Program, blocks: list[Block], ids: Tensor, limit: int, 
 def draft_layer_map(program: Program) -> dict[str, list[int]]:
     """``draft name -> indices of the target's cache entries its decode graph reads and writes``, in the
     draft's entry order (for the manifest)."""
-    entries = cache_layout(program)
-    index = {(e.layer, e.group, e.slot): i for i, e in enumerate(entries)}
     out: dict[str, list[int]] = {}
     for d in program.drafts:
         try:
-            check_cache(program, d.program)
+            out[d.name] = [i for _, i in shared_entries(program, d.program)]
         except PassError as e:
             raise PassError(f"draft {d.name!r} no longer fits the target: {e.message}",
                             "a pass after draft(...) changed the target's cache; put draft(...) after it") from e
-        origin = source_layers(d.program)
-        out[d.name] = [index[(origin.get(e.layer, e.layer), e.group, e.slot)] for e in cache_layout(d.program)]
     return out
 
 

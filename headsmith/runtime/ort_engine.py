@@ -126,7 +126,7 @@ class OrtEngine:
 
     @property
     def drafts(self) -> dict[str, dict[str, Any]]:
-        return dict(self.backend.get("drafts", {}))
+        return self.backend.get("drafts", {})  # type: ignore[no-any-return]
 
     def draft_decode(self, name: str, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                      cache: KVCache) -> Tensor:
