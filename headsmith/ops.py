@@ -41,8 +41,8 @@ from torch import Tensor
 
 from . import block_sparse
 
-__all__ = ["attention", "attention_bias_kv", "attention_bias_kv_bsd", "attention_mask_bias", "rms_norm", "skip_rms_norm",
-           "rotary"]
+__all__ = ["attention", "attention_bias_kv", "attention_bias_kv_bsd", "attention_mask_bias", "key_scores", "rms_norm",
+           "skip_rms_norm", "rotary"]
 
 
 def _promoted(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -188,6 +188,36 @@ def _attention_kv_fake(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None, p
     v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
     out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
     return out, torch.empty_like(k_all), torch.empty_like(v_all)
+
+
+@torch.library.custom_op("headsmith::key_scores", mutates_args=())
+def key_scores(q: Tensor, k: Tensor, past_k: Tensor | None, key_mask: Tensor | None, last: int = 0,
+               scale: float = 0.0, softcap: float = 0.0) -> Tensor:
+    """How much the last ``last`` queries (0: all) attend to every key, for KV eviction (:mod:`headsmith.kv_policy`):
+    ``[B, Hkv, Tk]``, the causal softmax over the keys summed over those queries and averaged over the query heads
+    of each KV head. The keys are ``cat([past_k[:, :, :P], k])`` with ``P = Tk - k.shape[2]`` and ``Tk`` the key
+    mask's length (a cache buffer may hold more rows than are valid); queries align to the end of the keys."""
+    tk = int(key_mask.shape[1]) if key_mask is not None else k.shape[2] + (0 if past_k is None else past_k.shape[2])
+    if past_k is not None:
+        k = torch.cat([past_k[:, :, : tk - k.shape[2]], k], dim=2)
+    q = q[:, :, -last:] if last > 0 else q
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    scores = torch.matmul(q.float().reshape(b, hkv, (hq // hkv) * tq, d), k.float().transpose(-1, -2))
+    scores = scores.reshape(b, hkv, hq // hkv, tq, tk) * (scale if scale > 0.0 else 1.0 / math.sqrt(d))
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    bias = attention_mask_bias(key_mask, tq, tk, True, 0, 0, torch.float32, q.device)
+    if bias is not None:
+        scores = scores + bias.unsqueeze(1)
+    return torch.softmax(scores, dim=-1).sum(3).mean(2)
+
+
+@key_scores.register_fake
+def _key_scores_fake(q: Tensor, k: Tensor, past_k: Tensor | None, key_mask: Tensor | None, last: int = 0,
+                     scale: float = 0.0, softcap: float = 0.0) -> Tensor:
+    tk = key_mask.shape[1] if key_mask is not None else k.shape[2] + (0 if past_k is None else past_k.shape[2])
+    return q.new_empty((q.shape[0], k.shape[1], tk), dtype=torch.float32)
 
 
 # --- lowering forms: fused ops that backends emit as single kernels (see headsmith/backends/onnx_fusions.py) ---

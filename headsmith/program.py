@@ -7,7 +7,8 @@ A Program wraps
   logits ``[B,S,V]`` (causal LMs) or hidden states ``[B,S,E]`` (encoders);
 - ``info``: static facts from the checkpoint (architecture, task, config, tokenizer);
 - ``history``: the pass specs applied so far, and their reports;
-- ``drafts``: speculative-decoding drafts derived from it (``passes/draft.py``), lowered beside it.
+- ``drafts``: speculative-decoding drafts derived from it (``passes/draft.py``), lowered beside it;
+- ``kv_policy``: how its decode cache evicts tokens (``passes/kv_evict.py``), if at all.
 
 Programs are values: a pass returns a new Program and leaves its input as it was (weights are shared
 until a pass replaces one). ``spec()`` derives the per-layer :class:`ModelSpec` from the graph itself.
@@ -25,6 +26,7 @@ from torch import Tensor, fx
 
 from .errors import HeadsmithError, RaiseError
 from .fxutil import clone_module, format_near, record_values
+from .kv_policy import KvPolicy
 from .qweights import is_quantized_weight_use, packed_args
 from .sites import AttentionSite, SiteError, attention_nodes, find_sites
 
@@ -151,6 +153,9 @@ class Program:
     history: tuple[str, ...] = ()
     reports: tuple[dict[str, Any], ...] = ()
     drafts: tuple[DraftProgram, ...] = ()
+    kv_policy: KvPolicy | None = None
+    """A KV-cache eviction policy (``kv-evict``, :mod:`headsmith.kv_policy`): the step graphs return the attention
+    scores it ranks tokens by, and the runtime compacts the cache."""
     _shapes: dict[fx.Node, tuple[int, ...]] | None = field(default=None, repr=False)
 
     # ---- running -------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ def lower(name: str, program: Program, directory: Path, progress: Any = None,
         accuracy_level = int(options.pop("accuracy_level", DEFAULT_ACCURACY_LEVEL))
         _no_more(name, options)
         return lower_onnx(program, directory, progress, variant=attention, accuracy_level=accuracy_level)
+    if name in ("tvm", "tensorrt") and program.kv_policy is not None:
+        raise BackendError(f"kv-evict({program.kv_policy.method}) is not built for the {name} backend yet: its engine "
+                           "returns no attention scores and cannot compact its cache",
+                           "convert with --backend onnx or --backend torch")
     if name == "tvm":
         from .tvm_backend import DEFAULT_TARGET, lower_tvm
         target = options.pop("target", DEFAULT_TARGET)

@@ -148,7 +148,7 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
                          drafts: list[DraftLowering] | None = None) -> dict[str, Any]:
     """Write ``prefill.pt2``, ``decode.pt2`` and each draft's ``draft_<name>.pt2`` (weights lifted); returns the
     manifest fields (cache layout, drafts)."""
-    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
+    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, policy_record, prefill_graph
 
     pre, entries = prefill_graph(program, ring=True)
     dec, _ = decode_graph(program, ring=True)
@@ -158,7 +158,7 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
     ep = export_program(pre, weights, (ids, pos, mask), ({0: batch, 1: seq},) * 3)
     torch.export.save(ep, str(directory / "prefill.pt2"))
     with torch.no_grad():
-        cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
+        cache = [c.contiguous() for c in pre(ids, pos, mask)[1:1 + len(entries)]]
     example, dynamic, _ = decode_example(cache, entries, ids.shape[0], program.info.vocab_size)
     ep = export_program(dec, weights, example, dynamic)
     torch.export.save(ep, str(directory / "decode.pt2"))
@@ -168,7 +168,7 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
         example, dynamic, _ = decode_example([cache[i] for i in d.cache], mine, ids.shape[0], program.info.vocab_size)
         torch.export.save(export_program(graph, weights, example, dynamic), str(directory / d.file(".pt2")))
         records[d.name] = {**d.record, "decode": d.file(".pt2")}
-    return {"cache": layout_dict(entries), **({"drafts": records} if records else {})}
+    return {"cache": layout_dict(entries), **policy_record(program), **({"drafts": records} if records else {})}
 
 
 def write_artifact(program: Program, out: Path, backend: str = "torch", force: bool = False,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -203,7 +204,7 @@ def draft_lowerings(program: Program) -> list[DraftLowering]:
     mine = {str(n.target): get_tensor(program.gm, str(n.target)) for n in program.gm.graph.nodes if n.op == "get_attr"}
     out = []
     for d in program.drafts:
-        renamed = d.program.clone()
+        renamed = dataclasses.replace(d.program.clone(), kv_policy=None)  # drafts return no eviction scores
         gm = renamed.gm
         prefix = "draft_" + d.name.replace("-", "_")
         for node in gm.graph.nodes:

@@ -154,7 +154,7 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
     ``ring``: windowed layers get ring caches, see passes/kv_cache.py)."""
     import onnx
 
-    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
+    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, policy_record, prefill_graph
 
     if variant not in VARIANTS:
         raise BackendError(f"unknown ONNX attention variant {variant!r}", f"choose one of {', '.join(VARIANTS)}")
@@ -173,15 +173,19 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
     pre, entries = prefill_graph(program, ring=ring)
     dec, _ = decode_graph(program, ring=ring)
     cache_names = [e.name.replace(".", "_") for e in entries]
+    policy = policy_record(program)
+    scores = [s["name"] for s in policy["kv_policy"]["scores"]] if policy else []
+    step_scores = scores if program.kv_policy is not None and program.kv_policy.decode_scores else []
     _say(progress, "exporting prefill.onnx")
     export_graph(pre, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "prefill.onnx", inputs,
-                 ["logits", *[f"present_{n}" for n in cache_names]], variant, accuracy_level=accuracy_level)
+                 ["logits", *[f"present_{n}" for n in cache_names], *scores], variant, accuracy_level=accuracy_level)
     with torch.no_grad():
-        cache = [c.contiguous() for c in pre(ids, pos, mask)[1:]]
+        cache = [c.contiguous() for c in pre(ids, pos, mask)[1:1 + len(entries)]]
     example, dynamic, decode_inputs = decode_example(cache, entries, ids.shape[0], program.info.vocab_size)
     _say(progress, "exporting decode.onnx")
     export_graph(dec, example, dynamic, directory / "decode.onnx", decode_inputs,
-                 ["logits", *[f"present_{n}" for n in cache_names]], variant, accuracy_level=accuracy_level)
+                 ["logits", *[f"present_{n}" for n in cache_names], *step_scores], variant,
+                 accuracy_level=accuracy_level)
     share_weights(directory / "prefill.onnx", directory / "decode.onnx")
     names = ["prefill.onnx", "decode.onnx"]
     gqa_layers, in_place = _gqa_presents(directory / "decode.onnx")
@@ -190,8 +194,8 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
         _say(progress, "exporting decode_dense.onnx (steps without padding)")
         dense, _ = decode_graph(program, ring=ring, dense=True)
         export_graph(dense, example, dynamic, directory / "decode_dense.onnx", decode_inputs,
-                     ["logits", *[f"present_{n}" for n in cache_names]], variant, accuracy_level=accuracy_level,
-                     dense=True)
+                     ["logits", *[f"present_{n}" for n in cache_names], *step_scores], variant,
+                     accuracy_level=accuracy_level, dense=True)
         share_weights(directory / "prefill.onnx", directory / "decode_dense.onnx")
         names.append("decode_dense.onnx")
         extra["decode_dense"] = "decode_dense.onnx"
@@ -224,7 +228,8 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
         onnx.checker.check_model(str(directory / name), full_check=False)
     opset = FUSED_OPSET if variant == "fused" else OPSET
     return {"name": "onnx", "attention": variant, "opset": opset, "gqa_layers": gqa_layers, "kv_in_place": in_place,
-            **quantized, "prefill": "prefill.onnx", "decode": "decode.onnx", **extra, "cache": layout_dict(entries)}
+            **quantized, "prefill": "prefill.onnx", "decode": "decode.onnx", **extra, "cache": layout_dict(entries),
+            **policy}
 
 
 def _gqa_presents(path: Path) -> tuple[int, bool]:

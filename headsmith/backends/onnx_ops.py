@@ -100,6 +100,52 @@ def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool 
     return op.Reshape(out, op.Concat(b, hq, tq, dv, axis=0))
 
 
+def _key_scores(q: Any, k: Any, past_k: Any = None, key_mask: Any = None, last: int = 0, scale: float = 0.0,
+                softcap: float = 0.0) -> Any:
+    """``headsmith.key_scores`` (the attention KV eviction ranks by, see ``headsmith/ops.py``) in opset-20 ops:
+    ``[B, Hkv, Tk]`` over ``cat([past_k[:, :, :Tk - T], k])``, ``Tk`` the key mask's length."""
+    from onnxscript import opset20 as op
+
+    def dims(x: Any, start: int, end: int) -> Any:
+        return op.Slice(op.Shape(x), op.Constant(value_ints=[start]), op.Constant(value_ints=[end]))
+    zero, one = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+    if key_mask is not None:
+        tk = dims(key_mask, 1, 2)
+    else:
+        tk = dims(k, 2, 3) if past_k is None else op.Add(dims(k, 2, 3), dims(past_k, 2, 3))
+    if past_k is not None:  # an in-place cache buffer holds more rows than are valid: the first P
+        rows = op.Sub(tk, dims(k, 2, 3))
+        k = op.Concat(op.Slice(past_k, zero, rows, op.Constant(value_ints=[2])), k, axis=2)
+    if last > 0:
+        q = op.Slice(q, op.Constant(value_ints=[-last]), op.Constant(value_ints=[1 << 62]),
+                     op.Constant(value_ints=[2]))
+    q, k = op.Cast(q, to=1), op.Cast(k, to=1)
+    b, hq, tq, d, hkv = dims(q, 0, 1), dims(q, 1, 2), dims(q, 2, 3), dims(q, 3, 4), dims(k, 1, 2)
+    rep = op.Div(hq, hkv)
+    if scale > 0.0:
+        q = op.Mul(q, op.Constant(value_float=scale))
+    else:
+        q = op.Div(q, op.Sqrt(op.Cast(d, to=1)))
+    q_g = op.Reshape(q, op.Concat(b, hkv, op.Constant(value_ints=[-1]), d, axis=0))
+    scores = op.MatMul(q_g, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B,Hkv,rep*T,Tk]
+    scores = op.Reshape(scores, op.Concat(b, hkv, rep, tq, tk, axis=0))
+    if softcap > 0.0:
+        cap = op.Constant(value_float=softcap)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    tq_s, tk_s = op.Squeeze(tq, zero), op.Squeeze(tk, zero)
+    q_pos = op.Unsqueeze(op.Add(op.Range(op.Constant(value_int=0), tq_s, op.Constant(value_int=1)),
+                                op.Sub(tk_s, tq_s)), one)
+    k_pos = op.Unsqueeze(op.Range(op.Constant(value_int=0), tk_s, op.Constant(value_int=1)), zero)
+    allowed = op.Unsqueeze(op.LessOrEqual(k_pos, q_pos), op.Constant(value_ints=[0, 1, 2]))  # [1,1,1,T,Tk]
+    if key_mask is not None:
+        keys = op.Unsqueeze(op.Cast(key_mask, to=9), op.Constant(value_ints=[1, 2, 3]))  # [B,1,1,1,Tk]
+        allowed = op.And(allowed, keys)
+    scores = op.Add(scores, op.Where(allowed, op.Constant(value_float=0.0), op.Constant(value_float=NEG)))
+    probs = op.Softmax(scores, axis=-1)
+    return op.ReduceMean(op.ReduceSum(probs, op.Constant(value_ints=[3]), keepdims=0),
+                         op.Constant(value_ints=[2]), keepdims=0)
+
+
 def _concat_or(past: Any, new: Any) -> Any:
     from onnxscript import opset20 as op
     return new if past is None else op.Concat(past, new, axis=2)
@@ -256,4 +302,5 @@ def translations(variant: str) -> dict[Any, Any]:
     ops = torch.ops.headsmith
     return {ATTENTION: _plain_attention, ops.attention_kv.default: VARIANTS[variant],
             ops.rms_norm.default: _rms_norm, ops.skip_rms_norm.default: _skip_rms_norm, ops.rotary.default: _rotary,
-            ops.attention_bias_kv.default: _bias_attention_kv, ops.attention_bias_kv_bsd.default: _bsd_attention_kv}
+            ops.attention_bias_kv.default: _bias_attention_kv, ops.attention_bias_kv_bsd.default: _bsd_attention_kv,
+            ops.key_scores.default: _key_scores}

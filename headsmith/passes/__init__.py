@@ -16,6 +16,7 @@ from .canonicalize import Canonicalize, Dce
 from .draft import Draft
 from .gqa import Gqa
 from .heal import Heal
+from .kv_evict import KvEvict
 from .mla import Mla
 from .prune_heads import PruneHeads
 from .prune_layers import PruneLayers
@@ -25,8 +26,8 @@ from .raise_attention import RaiseAttention
 from .sparse_attention import SparseAttention
 from .spec import build, parse_spec
 
-ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Draft, Gqa, Heal, Mla, PruneHeads,
-                                      PruneLayers, PruneMlp, Quantize, SparseAttention)
+ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Draft, Gqa, Heal, KvEvict, Mla,
+                                      PruneHeads, PruneLayers, PruneMlp, Quantize, SparseAttention)
 REGISTRY: dict[str, type[Pass]] = {p.name: p for p in ALL_PASSES}
 ENTRY_POINT_GROUP = "headsmith.passes"
 _plugins_loaded = False

@@ -5,6 +5,8 @@ Letters: B batch, T new tokens, P cached tokens, H KV heads, D head dim, V vocab
 - **prefill** ``(input_ids[B,T], position_ids[B,T], attention_mask[B,T]) -> (logits[B,T,V], *cache)``
 - **decode** ``(input_ids[B,T], position_ids[B,T], attention_mask[B,P+T], *past) -> (logits[B,T,V], *present)``
   with ``T >= 1`` (``T > 1`` is what speculative verification uses) and ``P >= 0``.
+- with a KV eviction policy (``passes/kv_evict.py``) the prefill also returns ``scores_layer{L}[B,G,T]`` per layer
+  after the cache (h2o: the decode graph too, ``[B,G,P+T]``): what the runtime ranks the cached tokens by.
 
 What is cached is found per layer: by default the ``k`` and ``v`` inputs of the ``headsmith.attention``
 node (post-RoPE, ``[B,H,S,D]``, sequence dim 2); a pass that caches something else (MLA caches its latent)
@@ -49,6 +51,7 @@ from ..qweights import LINEAR_Q
 from ..sites import ATTENTION, attention_by_layer, attention_nodes
 
 aten = torch.ops.aten
+KEY_SCORES = torch.ops.headsmith.key_scores.default
 
 
 @torch.library.custom_op("headsmith::cache_point", mutates_args=())
@@ -203,7 +206,8 @@ def prefill_graph(program: Program, last_only: bool = True, ring: bool = False
     points = _points(gm, shapes, ring)
     if last_only:
         _lm_head_last_position(gm, program.info.vocab_size)
-    return _finish(gm, [p.node for p in points]), [p.entry for p in points]
+    scores = _key_scores(gm, program, decode=False)
+    return _finish(gm, [p.node for p in points] + scores), [p.entry for p in points]
 
 
 def _lm_head_last_position(gm: fx.GraphModule, vocab: int) -> None:
@@ -252,7 +256,50 @@ def decode_graph(program: Program, ring: bool = False, dense: bool = False
         p.node.replace_all_uses_with(cat, delete_user_cb=lambda u, c=cat: u is not c)
         presents.append(cat)
     _ring_masks(gm, [p.entry for p in points], anchor, dense)
-    return _finish(gm, presents), [p.entry for p in points]
+    scores = _key_scores(gm, program, decode=True)
+    return _finish(gm, presents + scores), [p.entry for p in points]
+
+
+def _key_scores(gm: fx.GraphModule, program: Program, decode: bool) -> list[fx.Node]:
+    """With a KV policy (``passes/kv_evict.py``), per layer the attention scores it ranks tokens by
+    (``headsmith.key_scores``, ``[B, G, keys]``): the prefill's observation window, and (h2o) the decode step's
+    queries over the past and new keys. Empty without a policy."""
+    policy = program.kv_policy
+    if policy is None or (decode and not policy.decode_scores):
+        return []
+    from .kv_evict import check_evictable
+    check_evictable(program)  # a later pass may have added a window
+    graph = gm.graph
+    out = []
+    for _, nodes in sorted(attention_by_layer(graph).items()):
+        att = nodes[0]
+        q, k = att.args[0], att.args[1]
+        key_mask = att.args[3] if len(att.args) > 3 else att.kwargs.get("key_mask")
+        past = None
+        if decode and is_call(k, aten.cat.default) and getattr(k.args[0][0], "op", "") == "placeholder":  # type: ignore[union-attr, index]
+            past, k = k.args[0]  # type: ignore[union-attr, misc]
+        with graph.inserting_after(att):
+            out.append(graph.call_function(KEY_SCORES, (q, k, past, key_mask), {
+                "last": 0 if decode else policy.window, "scale": att.kwargs.get("scale", 0.0),
+                "softcap": att.kwargs.get("softcap", 0.0)}))
+    return out
+
+
+def score_layout(program: Program) -> list[dict[str, Any]]:
+    """The score outputs of the step graphs (``scores_layer{L}``, with ``G`` heads), for the manifest's
+    ``kv_policy``; empty without a policy."""
+    if program.kv_policy is None:
+        return []
+    shapes = program.shapes()
+    return [{"name": f"scores_layer{layer}", "layer": layer, "heads": int(shapes[nodes[0].args[1]][1])}  # type: ignore[index]
+            for layer, nodes in sorted(attention_by_layer(program.gm.graph).items())]
+
+
+def policy_record(program: Program) -> dict[str, Any]:
+    """The manifest's ``kv_policy`` (policy options and score outputs), or ``{}``."""
+    if program.kv_policy is None:
+        return {}
+    return {"kv_policy": {**program.kv_policy.to_dict(), "scores": score_layout(program)}}
 
 
 def _ring_masks(gm: fx.GraphModule, entries: list[CacheEntry], anchor: fx.Node, dense: bool) -> None:

@@ -55,7 +55,10 @@ class TorchCache:
     seq_dims: list[int]
     rings: list[Ring | None] = field(default_factory=list)
     seen: int = -1
-    """Tokens seen (-1: the length of the tensors, for a cache without rings)."""
+    """Tokens seen (-1: the length of the tensors, for a cache without rings); with a KV-eviction policy, the
+    tokens held."""
+    scores: list[np.ndarray] | None = None
+    """The last step's eviction scores (``[B, G, keys]`` per layer), from graphs that return them (``kv-evict``)."""
 
     def __post_init__(self) -> None:
         if not self.rings:
@@ -100,6 +103,25 @@ class TorchCache:
         for i, p in zip(entries, presents):
             self.tensors[i] = p
         self.seen += new
+
+    def compact(self, index: list[np.ndarray]) -> None:
+        """Keep, per entry, the slots ``index[i]`` (see :meth:`KVCache.compact`)."""
+        kept = []
+        for t, d, ix in zip(self.tensors, self.seq_dims, index):
+            ix_t = torch.from_numpy(np.ascontiguousarray(ix)).expand(*[k if j == d else t.shape[j]
+                                                                        for j, k in enumerate(ix.shape)])
+            kept.append(torch.gather(t, d, ix_t).contiguous())
+        self.tensors, self.seen = kept, int(kept[0].shape[self.seq_dims[0]]) if kept else 0
+
+    def evict_last(self, victims: list[np.ndarray]) -> None:
+        """Each entry's last slot moves into its victim slot; one token shorter (see :meth:`KVCache.evict_last`)."""
+        from .kv_cache import move_slot
+        last = self.seen - 1
+        for i, (t, d, victim) in enumerate(zip(self.tensors, self.seq_dims, victims)):
+            t = t.clone() if not t.is_contiguous() else t
+            move_slot(t, d, victim, last)
+            self.tensors[i] = t.narrow(d, 0, last)
+        self.seen = last
 
     def truncate(self, length: int) -> None:
         if length >= self.seen:
@@ -167,6 +189,10 @@ class TorchEngine:
     drafts: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Speculative drafts (``passes/draft.py``): name -> manifest record (``cache``: the entries it runs)."""
     draft_fns: dict[str, Any] = field(default_factory=dict, repr=False)
+    kv_policy: dict[str, Any] = field(default_factory=dict)
+    """The manifest's KV-eviction policy record (``passes/kv_evict.py``; empty: none)."""
+    cache_layout: list[dict[str, Any]] = field(default_factory=list)
+    """The manifest's cache entries."""
     name: str = "torch"
 
     @staticmethod
@@ -175,13 +201,14 @@ class TorchEngine:
         if program.info.task != "causal-lm":
             return TorchEngine(program.info, spec, None, None, program.gm, [])
         from ..backends.lowering import draft_lowerings
-        from ..passes.kv_cache import decode_graph, prefill_graph
+        from ..passes.kv_cache import decode_graph, layout_dict, policy_record, prefill_graph
         pre, entries = prefill_graph(program, ring=True)
         dec, _ = decode_graph(program, ring=True)
         drafts = draft_lowerings(program)
         return TorchEngine(program.info, spec, pre, dec, program.gm, [e.seq_dim for e in entries], rings_of(entries),
                            {d.name: d.record for d in drafts},
-                           {d.name: decode_graph(d.program, ring=True)[0] for d in drafts})
+                           {d.name: decode_graph(d.program, ring=True)[0] for d in drafts},
+                           policy_record(program).get("kv_policy", {}), layout_dict(entries))
 
     @staticmethod
     def from_artifact(artifact: Any) -> TorchEngine:
@@ -200,13 +227,17 @@ class TorchEngine:
         drafts = dict(backend.get("drafts", {}))
         return TorchEngine(artifact.info, artifact.spec, load(backend["prefill"]), load(backend["decode"]), forward,
                            [int(e["seq_dim"]) for e in cache], rings_of(cache), drafts,
-                           {name: load(d["decode"]) for name, d in drafts.items()})
+                           {name: load(d["decode"]) for name, d in drafts.items()}, dict(backend.get("kv_policy", {})),
+                           list(cache))
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         check_inputs(input_ids, attention_mask, position_ids)
         with torch.no_grad():
             out = self.prefill_fn(input_ids, position_ids, attention_mask)
-        return out[0], TorchCache.from_prompt(list(out[1:]), self.seq_dims, self.rings)
+        n = len(self.seq_dims)
+        cache = TorchCache.from_prompt(list(out[1:1 + n]), self.seq_dims, self.rings)
+        cache.scores = [s.numpy() for s in out[1 + n:]] or None
+        return out[0], cache
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: TorchCache) -> tuple[Tensor, Any]:
@@ -217,7 +248,9 @@ class TorchEngine:
         rings = ring_tensors(self.rings, attention_mask, cache.length)
         with torch.no_grad():
             out = self.decode_fn(input_ids, position_ids, attention_mask, *cache.tensors, *rings)
-        cache.step(list(out[1:]), t)
+        n = len(self.seq_dims)
+        cache.step(list(out[1:1 + n]), t)
+        cache.scores = [s.numpy() for s in out[1 + n:]] or None
         return out[0], cache
 
     def draft_decode(self, name: str, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,

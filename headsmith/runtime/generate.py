@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import HeadsmithError
 from .engine import Engine
+from .eviction import evictor_for
 
 
 @dataclass
@@ -117,14 +118,18 @@ def prepare(engine: Engine, prompts: Sequence[Sequence[int]], config: Generation
 
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
              stream: Callable[[int, int], None] | None = None, pad_id: int | None = None,
-             draft: Any = None, k: int = 4) -> GenerationResult:
+             draft: Any = None, k: int = 4, kv_policy: Any = None) -> GenerationResult:
     """Generate continuations of token-id ``prompts`` (see the module docstring). ``draft`` (a draft stored in the
-    artifact, ``"ngram"``, ``"auto"`` or a :class:`~headsmith.runtime.speculative.Draft`): speculative decoding with ``k`` drafted tokens per step
-    (adaptive), the same output as without it (greedy) or the same distribution (sampling)."""
+    artifact, ``"ngram"``, ``"auto"`` or a :class:`~headsmith.runtime.speculative.Draft`): speculative decoding
+    with ``k`` drafted tokens per step (adaptive), the same output as without it (greedy) or the same distribution
+    (sampling). ``kv_policy``: the artifact's KV eviction (None), none (False), or other options for it (a
+    :class:`~headsmith.kv_policy.KvPolicy`; see ``eviction.py``)."""
     config = config if config is not None else GenerationConfig()
     if draft is not None:
         from .speculative import speculative_generate  # it builds on this module's helpers
-        return speculative_generate(engine, prompts, config, draft, k=k, stream=stream, pad_id=pad_id)
+        return speculative_generate(engine, prompts, config, draft, k=k, stream=stream, pad_id=pad_id,
+                                    kv_policy=kv_policy)
+    evictor = evictor_for(engine, kv_policy)
     stops, pad, ids, mask, positions, generator = prepare(engine, prompts, config, pad_id)
     b = ids.shape[0]
     out: list[list[int]] = [[] for _ in range(b)]
@@ -133,6 +138,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], config: Generatio
         return GenerationResult(out, [len(p) for p in prompts], 0.0, 0.0, 0)
     start = time.perf_counter()
     logits, cache = engine.prefill(ids, mask, positions)
+    if evictor is not None:
+        mask = evictor.after_prefill(cache, mask)
     prefill_s = time.perf_counter() - start
     next_pos = positions[:, -1:] + 1
     steps = 0
@@ -156,10 +163,13 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], config: Generatio
         feed = torch.tensor([[pad if done[r] else out[r][-1]] for r in range(b)], dtype=torch.int64)
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], 1)
         logits, cache = engine.decode(feed, mask, next_pos, cache)
+        if evictor is not None:
+            mask = evictor.after_step(cache, mask, 1)
         next_pos = next_pos + 1
         steps += 1
     decode_s = time.perf_counter() - decode_start
-    return GenerationResult(out, [len(p) for p in prompts], prefill_s, decode_s, steps)
+    stats = {"kv": {**evictor.stats, "method": evictor.policy.method, "held": int(mask.shape[1])}} if evictor else {}
+    return GenerationResult(out, [len(p) for p in prompts], prefill_s, decode_s, steps, stats)
 
 
 def chat_prompt(tokenizer: Any, text: str, chat: bool | None = None) -> list[int]:

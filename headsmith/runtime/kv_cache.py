@@ -18,6 +18,9 @@ Entries with a ring (a sliding window, see ``ring.py``) keep a fixed ``S + W`` s
 grow: ``length`` counts the tokens seen, ``tokens(i)`` the slots entry ``i`` holds. After a step that fills the
 scratch slot, :meth:`KVCache.commit` files the new token into its ring slot (in place: one token's copy;
 ping-pong: the ``C - 1`` kept slots are also compacted into the other buffer, the next step's past).
+
+A KV-eviction policy (``runtime/eviction.py``) keeps only some tokens: :meth:`KVCache.compact` after the prompt,
+:meth:`KVCache.evict_last` after a decode step (h2o); ``length`` is then the tokens held, not those seen.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class KVCache:
     """An engine's bindings of the buffers per graph (in place they stay valid from step to step until a
     growth)."""
     rings: list[Ring | None] = field(default_factory=list, repr=False)
+    scores: list[np.ndarray] | None = field(default=None, repr=False)
+    """The last step's eviction scores (``[B, G, keys]`` per layer), from graphs that return them (``kv-evict``)."""
     _buffers: list[list[np.ndarray]] = field(default_factory=list, repr=False)
     _current: list[int] = field(default_factory=list, repr=False)
     _behind: list[int] = field(default_factory=list, repr=False)
@@ -199,6 +204,28 @@ class KVCache:
         self.length = length
         self._behind = [0] * len(self.specs)
 
+    def compact(self, index: list[np.ndarray]) -> None:
+        """Keep, per entry, the slots ``index[i]`` (indices along the sequence, broadcastable against the entry as
+        ``np.take_along_axis`` takes them): a KV-eviction policy's choice (``runtime/eviction.py``). The cache then
+        holds that many tokens (``length``), in that order."""
+        if any(r is not None for r in self.rings):
+            raise ValueError("ring caches keep their own slots; they are not compacted")
+        kept = [np.take_along_axis(v, ix, self.specs[i].seq_dim) for i, (v, ix) in enumerate(zip(self.valid(), index))]
+        self.length, self._behind = 0, [0] * len(self.specs)
+        self.store(kept)
+
+    def evict_last(self, victims: list[np.ndarray]) -> None:
+        """Each entry's last slot (the step's token) moves into the slot ``victims[i]`` names per row (``[B]``)
+        or per row and head (``[B, H]``); the cache is one token shorter (in place: one token's copy)."""
+        last = self.length - 1
+        for i, victim in enumerate(victims):
+            arr = self._view(i, self._current[i], self.length)
+            move_slot(arr, self.specs[i].seq_dim, victim, last)
+            if not self.in_place:  # the next past is the first ``last`` slots, contiguous in the other buffer
+                np.copyto(self._view(i, 1 - self._current[i], last), self._tokens(arr, i, last))
+                self._current[i] = 1 - self._current[i]
+        self.length = last
+
     def _grow(self, capacity: int) -> None:
         old = self.valid()
         old_current = list(self._current)
@@ -209,3 +236,18 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(b.nbytes for pair in self._buffers for b in pair)
+
+
+def move_slot(arr: Any, seq_dim: int, victim: Any, last: int) -> None:
+    """``arr[..., victim, ...] = arr[..., last, ...]`` along ``seq_dim`` (1 or 2), per row (``victim[B]``) or per row
+    and head (``victim[B, H]``, ``seq_dim == 2``); numpy arrays and torch tensors alike."""
+    rows = np.arange(arr.shape[0])
+    if seq_dim == 2 and np.ndim(victim) == 2:
+        b, h = np.indices(np.shape(victim))
+        arr[b, h, np.asarray(victim)] = arr[b, h, last]
+    elif seq_dim == 2:
+        arr[rows, :, np.asarray(victim)] = arr[rows, :, last]
+    elif seq_dim == 1:
+        arr[rows, np.asarray(victim)] = arr[rows, last]
+    else:
+        raise ValueError(f"cannot evict along dim {seq_dim}")

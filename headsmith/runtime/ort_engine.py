@@ -73,6 +73,22 @@ class OrtEngine:
     def rings(self) -> list[Ring | None]:
         return rings_of(self.backend.get("cache", []))
 
+    @property
+    def kv_policy(self) -> dict[str, Any]:
+        """The manifest's KV-eviction policy record (``passes/kv_evict.py``; empty: none)."""
+        return self.backend.get("kv_policy", {})  # type: ignore[no-any-return]
+
+    @property
+    def cache_layout(self) -> list[dict[str, Any]]:
+        return self.backend.get("cache", [])  # type: ignore[no-any-return]
+
+    def _scores(self, batch: int, keys: int, decode: bool) -> list[tuple[str, np.ndarray]]:
+        """The eviction-score outputs a graph returns (``[B, G, keys]`` per layer; decode graphs: h2o only)."""
+        policy = self.kv_policy
+        if not policy or (decode and policy.get("method") != "h2o"):
+            return []
+        return [(s["name"], np.empty((batch, int(s["heads"]), keys), dtype=np.float32)) for s in policy["scores"]]
+
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         check_inputs(input_ids, attention_mask, position_ids)
         b, t = input_ids.shape
@@ -83,8 +99,10 @@ class OrtEngine:
         compact = cache.in_place or any(r is not None for r in cache.rings)
         presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs] if compact \
             else cache.present_views(t)
+        scores = self._scores(b, t, decode=False)
         self._run("prefill", _feeds(input_ids, position_ids, attention_mask),
-                  [("logits", logits), *zip(names, presents)])
+                  [("logits", logits), *zip(names, presents), *scores])
+        cache.scores = [a for _, a in scores] or None
         if compact:
             cache.store(presents)
         else:
@@ -105,22 +123,24 @@ class OrtEngine:
         feeds.update(ring_masks(cache.rings, attention_mask, cache.length))
         logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
         names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
+        scores = self._scores(b, cache.length + t, decode=True)
+        cache.scores = [a for _, a in scores] or None
         if cache.length == 0:  # a prompt through the decode graph: compact presents, stored once (rings keep
             feeds.update(empty_pasts(cache.specs, b))  # their slots of it)
             presents = [np.empty(cache.shape_for(spec, t), dtype=np.float32) for spec in cache.specs]
-            self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
+            self._run("decode", feeds, [("logits", logits), *zip(names, presents), *scores])
             cache.store(presents)
             return torch.from_numpy(logits), cache
         presents = cache.present_views(t)  # first: it may grow the buffers the past is read from
         if cache.in_place:
             # no padding: the graph whose attention takes no mask (faster), when the artifact has one
             key = "decode_dense" if "decode_dense" in self.backend and bool(attention_mask.all()) else "decode"
-            self._run_in_place(cache, presents, feeds, logits, key)
+            self._run_in_place(cache, presents, feeds, logits, key, extra=scores)
             cache.commit(t)
             return torch.from_numpy(logits), cache
         for spec, past in zip(cache.specs, cache.past()):
             feeds[f"past_{spec.name.replace('.', '_')}"] = past
-        self._run("decode", feeds, [("logits", logits), *zip(names, presents)])
+        self._run("decode", feeds, [("logits", logits), *zip(names, presents), *scores])
         cache.commit(t)
         return torch.from_numpy(logits), cache
 
@@ -154,7 +174,8 @@ class OrtEngine:
         return torch.from_numpy(logits)
 
     def _run_in_place(self, cache: KVCache, buffers: list[np.ndarray], feeds: dict[str, np.ndarray],
-                      logits: np.ndarray, graph: str = "decode", names: list[str] | None = None) -> None:
+                      logits: np.ndarray, graph: str = "decode", names: list[str] | None = None,
+                      extra: list[tuple[str, np.ndarray]] | None = None) -> None:
         """One decode step on the shared buffers (``names``: the graph's cache entries, by default the cache's);
         their bindings are made once per graph and kept on the cache until a growth replaces them (only ids,
         positions, mask and logits are bound per step)."""
@@ -172,7 +193,8 @@ class OrtEngine:
         io = bound[1]
         for name, value in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(value))
-        io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        for name, buf in [("logits", logits), *(extra or [])]:
+            io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         sess.run_with_iobinding(io)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ..errors import HeadsmithError
 from .engine import Engine
+from .eviction import evictor_for
 from .generate import GenerationConfig, GenerationResult, distribution, prepare
 
 
@@ -252,10 +253,16 @@ def draft_for(name: str | Draft, engine: Any = None) -> Draft | ModelDraft:
 
 def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                          draft: str | Draft | ModelDraft = "ngram", k: int = 4, adaptive: bool = True, max_k: int = 8,
-                         stream: Callable[[int, int], None] | None = None, pad_id: int | None = None
-                         ) -> GenerationResult:
-    """``generate`` with draft-and-verify steps (see the module docstring); ``result.stats`` has the acceptance."""
+                         stream: Callable[[int, int], None] | None = None, pad_id: int | None = None,
+                         kv_policy: Any = None) -> GenerationResult:
+    """``generate`` with draft-and-verify steps (see the module docstring); ``result.stats`` has the acceptance.
+    ``kv_policy`` as in ``generate``: a prompt-time eviction (snapkv, random) compacts the cache before the first
+    draft; h2o, which evicts while decoding, is refused (a rejected draft could not be rolled back)."""
     drafter = draft_for(draft, engine)
+    evictor = evictor_for(engine, kv_policy)
+    if evictor is not None and evictor.policy.method == "h2o":
+        raise HeadsmithError("speculative decoding rolls the cache back after a rejected draft, which h2o's "
+                             "decode-time eviction cannot undo", "decode without a draft, or use kv-evict(method=snapkv)")
     model = isinstance(drafter, ModelDraft)
     if k < 1 or max_k < k:
         raise HeadsmithError(f"speculative decoding needs 1 <= k <= max_k, got k={k}, max_k={max_k}")
@@ -274,6 +281,8 @@ def speculative_generate(engine: Engine, prompts: Sequence[Sequence[int]], confi
         return GenerationResult(out, [len(p) for p in prompts], 0.0, 0.0, 0, stats.as_dict())
     start = time.perf_counter()
     logits, cache = engine.prefill(ids, mask, positions)
+    if evictor is not None:
+        mask = evictor.after_prefill(cache, mask)
     prefill_s = time.perf_counter() - start
     if any(r is not None for r in getattr(cache, "rings", [])):
         raise HeadsmithError("speculative decoding rolls the cache back after a rejected draft, which the ring "
