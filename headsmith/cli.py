@@ -322,6 +322,15 @@ def _source_model(artifact: Any, quiet: bool) -> Any:
         return None
 
 
+KvBudget = Annotated[float | None, typer.Option("--kv-budget", help="kv-evict artifacts: the fraction of the prompt's "
+                                                                     "KV kept, instead of the converted one.")]
+KvMethod = Annotated[str | None, typer.Option("--kv-method", help="kv-evict artifacts: snapkv, random (or h2o, if "
+                                                                   "converted with it), instead of the converted one.")]
+KvTokens = Annotated[int | None, typer.Option("--kv-tokens", help="kv-evict artifacts: a fixed number of cached "
+                                                                   "tokens instead of a fraction.")]
+KvOff = Annotated[bool, typer.Option("--no-kv-evict", help="kv-evict artifacts: keep the full cache.")]
+
+
 @app.command()
 def run(
     artifact_dir: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="Output directory of `convert`.")],
@@ -336,9 +345,11 @@ def run(
                                                              "artifact by draft(...), ngram (prompt lookup) or auto. "
                                                              "Same output as without.")] = None,
     k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adapts to the acceptance).")] = 4,
+    kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
 ) -> None:
     """Generate text from an artifact, streaming tokens as they come."""
     from .runtime.engine import engine_for
+    from .runtime.eviction import policy_option
     from .runtime.generate import GenerationConfig, chat_prompt, generate
 
     art = _artifact(artifact_dir)
@@ -360,7 +371,8 @@ def run(
         out.file.flush()
         shown[row] = len(text)
 
-    result = generate(engine, prompts, config, stream=stream, draft=draft, k=k)
+    policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
+    result = generate(engine, prompts, config, stream=stream, draft=draft, k=k, kv_policy=policy)
     if len(prompts) == 1:
         out.print()
     if draft is not None:
@@ -374,6 +386,10 @@ def run(
             out.print(art.tokenizer.decode(toks, skip_special_tokens=True), highlight=False, markup=False)
     err.print(f"{sum(map(len, result.tokens))} tokens, prefill {result.prefill_seconds:.2f}s, decode "
               f"{result.decode_tokens_per_second:.1f} tok/s ({engine.name})", highlight=False)
+    if "kv" in result.stats:
+        kv = result.stats["kv"]
+        err.print(f"kv-evict({kv['method']}): kept {kv['kept']} of {kv['prompt']} prompt tokens, {kv['evicted']} "
+                  f"evicted while decoding, {kv['held']} held at the end", highlight=False)
 
 
 @app.command("eval")
@@ -388,21 +404,31 @@ def eval_cmd(
     contexts: Annotated[str, typer.Option("--contexts", help="--passkey: context lengths, comma-separated.")] = "2048,4096",
     depths: Annotated[str, typer.Option("--depths", help="--passkey: key depths in [0, 1], comma-separated.")] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option("--trials", help="--passkey: keys per context and depth.")] = 1,
+    continuation: Annotated[int, typer.Option("--continuation", help="Perplexity of the last N of --max-tokens "
+                                                                     "tokens after the rest was prefilled (and its "
+                                                                     "cache evicted, kv-evict artifacts).")] = 0,
+    kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
 ) -> None:
     """Perplexity on a text (KL / top-1 agreement with the source when it can be loaded); encoders: embedding
-    cosine; ``--passkey``: passkey retrieval accuracy at each context and depth."""
+    cosine; ``--passkey``: passkey retrieval accuracy at each context and depth; ``--continuation N``: perplexity
+    of a text's last N tokens after a (compressed) prompt, beside the full cache's."""
     from .corpus import EVAL_TEXT, read_text, tokenize
     from .eval.metrics import embedding_similarity, hf_forward, perplexity, sentences
     from .runtime.engine import engine_for
+    from .runtime.eviction import policy_option
 
     art = _artifact(artifact_dir)
     if art.tokenizer is None:
         raise HeadsmithError(f"artifact {artifact_dir} has no tokenizer", "convert a model that ships one")
     engine = engine_for(art)
+    policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
     if passkey:
-        _passkey(art, engine, contexts, depths, trials, as_json)
+        _passkey(art, engine, contexts, depths, trials, as_json, policy)
         return
     body = read_text(text, EVAL_TEXT)
+    if continuation:
+        _continuation(art, engine, tokenize(art.tokenizer, body, max_tokens), continuation, policy, as_json)
+        return
     source = _source_model(art, as_json) if compare else None
     ref = hf_forward(source, art.info.task) if source is not None else None
     with status("evaluating", quiet=as_json):
@@ -424,7 +450,29 @@ def eval_cmd(
         out.print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}", highlight=False)
 
 
-def _passkey(art: Any, engine: Any, contexts: str, depths: str, trials: int, as_json: bool) -> None:
+def _continuation(art: Any, engine: Any, ids: Any, n: int, policy: Any, as_json: bool) -> None:
+    from .runtime.eviction import continuation_perplexity
+
+    if art.info.task != "causal-lm" or not 0 < n < ids.shape[1]:
+        raise HeadsmithError(f"--continuation needs a causal LM and 0 < N < the {ids.shape[1]} tokens of the text",
+                             "lower --continuation or raise --max-tokens")
+    with status("continuation perplexity", quiet=as_json):
+        result: dict[str, Any] = {"prompt": int(ids.shape[1] - n), "backend": engine.name,
+                                  "policy": continuation_perplexity(engine, ids, ids.shape[1] - n, policy)}
+        if getattr(engine, "kv_policy", None) and policy is not False:
+            result["full_cache"] = continuation_perplexity(engine, ids, ids.shape[1] - n, False)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    for key in ("policy", "full_cache"):
+        if key in result:
+            r = result[key]
+            out.print(f"{key:>10}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens after "
+                      f"{result['prompt']}, {r['held']} tokens held", highlight=False)
+
+
+def _passkey(art: Any, engine: Any, contexts: str, depths: str, trials: int, as_json: bool, policy: Any = None
+             ) -> None:
     from .eval.passkey import passkey
     from .runtime.generate import GenerationConfig, generate
 
@@ -442,7 +490,7 @@ def _passkey(art: Any, engine: Any, contexts: str, depths: str, trials: int, as_
     config = GenerationConfig(stop_tokens=())
 
     def run(prompt: list[int], n: int) -> list[int]:
-        return generate(engine, [prompt], dataclasses.replace(config, max_new_tokens=n)).tokens[0]
+        return generate(engine, [prompt], dataclasses.replace(config, max_new_tokens=n), kv_policy=policy).tokens[0]
 
     with status("passkey retrieval", quiet=as_json):
         result = passkey(run, art.tokenizer, ns, ds, trials)

@@ -47,9 +47,9 @@ class KvPolicy:
     window: int = 32
     """The observation window: the last prompt queries whose attention scores the keys (snapkv, random: always
     kept)."""
-    kernel: int = 5
+    kernel: int = 7
     """snapkv: positions pooled around each score (1: none)."""
-    pool: str = "avg"
+    pool: str = "max"
     recent: int = 32
     """h2o: the most recent tokens, always kept."""
     seed: int = 0

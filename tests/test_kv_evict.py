@@ -114,7 +114,7 @@ def test_a_budget_that_holds_the_prompt_is_the_full_cache(arch: str, method: str
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_snapkv_keeps_what_the_numpy_reference_selects(arch: str) -> None:
-    program = evicting(arch, "kv-evict(method=snapkv, budget=0.5, window=4, kernel=3)")
+    program = evicting(arch, "kv-evict(method=snapkv, budget=0.5, window=4, kernel=3, pool=avg)")
     engine = TorchEngine.from_program(program)
     ids, mask, pos = prompt_inputs()
     recorder = Recorder(engine.prefill_fn)
@@ -190,6 +190,21 @@ def test_h2o_holds_a_constant_cache_of_the_tokens_it_tracks() -> None:
             torch.testing.assert_close(cache.tensors[i], want, rtol=0, atol=0)
             assert ((tokens >= evictor.seen - 3).sum(-1) == 3).all()  # the recent tokens are always held
     assert evictor.stats["evicted"] == 20
+
+
+def test_continuation_perplexity_with_the_full_cache_is_the_forward_pass() -> None:
+    from headsmith.runtime.eviction import continuation_perplexity
+    program = evicting("llama", "kv-evict(method=snapkv, budget=0.5, window=4)")
+    engine = TorchEngine.from_program(program)
+    ids = torch.randint(5, 120, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = program(ids)
+    want = math.exp(float(torch.nn.functional.cross_entropy(logits[0, 31:-1], ids[0, 32:])))
+    for policy in (False, KvPolicy("snapkv", budget=1.0, window=4)):
+        got = continuation_perplexity(engine, ids, 32, policy, chunk=5)
+        assert got["tokens"] == 16 and math.isclose(got["perplexity"], want, rel_tol=1e-4)
+    evicted = continuation_perplexity(engine, ids, 32)
+    assert evicted["held"] == 16 + 16 and evicted["kept"] == 16
 
 
 @functools.cache

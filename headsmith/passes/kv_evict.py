@@ -58,9 +58,9 @@ class KvEvict(Pass):
     """A fixed number of cached tokens instead of ``budget`` (0: use the budget)."""
     window: int = 32
     """The last prompt queries whose attention scores the keys; snapkv and random always keep them."""
-    kernel: int = 5
+    kernel: int = 7
     """snapkv: positions pooled around each score, an odd number (1: none)."""
-    pool: str = "avg"
+    pool: str = "max"
     """snapkv: ``avg`` or ``max`` pooling."""
     recent: int = 32
     """h2o: the most recent tokens, always kept."""

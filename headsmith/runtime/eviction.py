@@ -15,6 +15,7 @@ choice per layer, by the scores averaged over its heads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,3 +151,56 @@ def evictor_for(engine: Any, kv_policy: KvPolicy | bool | None = None) -> Evicto
 def with_budget(record: dict[str, Any], **changes: Any) -> KvPolicy:
     """The policy of a manifest ``record`` with some options changed (``budget=0.125``, ``method="random"``)."""
     return dataclasses.replace(KvPolicy.from_dict(record), **changes)
+
+
+def continuation_perplexity(engine: Any, ids: Tensor, prompt: int, kv_policy: KvPolicy | bool | None = None,
+                            chunk: int = 128, prefilled: tuple[Tensor, Any] | None = None) -> dict[str, Any]:
+    """Perplexity of ``ids[0, prompt:]`` teacher-forced after the first ``prompt`` tokens were prefilled and their
+    cache compacted by the policy (None: the artifact's, False: the full cache): what a long prompt's eviction
+    costs the text that follows it. Steps of ``chunk`` tokens (one at a time with h2o, which evicts every step).
+    ``prefilled``: the prompt's ``(logits, cache)`` from ``engine.prefill`` (a copy: it is compacted), to score
+    several policies after one prefill."""
+    if ids.dim() != 2 or ids.shape[0] != 1 or not 0 < prompt < ids.shape[1]:
+        raise HeadsmithError(f"continuation perplexity needs one row longer than the prompt of {prompt} tokens, "
+                             f"got ids {tuple(ids.shape)}")
+    evictor = evictor_for(engine, kv_policy)
+    mask = torch.ones(1, prompt, dtype=torch.int64)
+    logits, cache = prefilled if prefilled is not None else engine.prefill(ids[:, :prompt], mask,
+                                                                            torch.arange(prompt)[None])
+    if evictor is not None:
+        mask = evictor.after_prefill(cache, mask)
+    step = 1 if evictor is not None and evictor.policy.method == "h2o" else chunk
+    ce = torch.nn.functional.cross_entropy
+    nll, count, done = float(ce(logits[0, -1:].float(), ids[0, prompt:prompt + 1], reduction="sum")), 1, prompt
+    total = ids.shape[1]
+    while done < total - 1:  # feed tokens done..done+n-1; their logits predict done+1..done+n
+        n = min(step, total - 1 - done)
+        mask = torch.cat([mask, torch.ones(1, n, dtype=torch.int64)], 1)
+        logits, cache = engine.decode(ids[:, done:done + n], mask, torch.arange(done, done + n)[None], cache)
+        if evictor is not None:
+            mask = evictor.after_step(cache, mask, n)
+        nll += float(ce(logits[0].float(), ids[0, done + 1:done + n + 1], reduction="sum"))
+        count += n
+        done += n
+    return {"perplexity": math.exp(nll / count), "tokens": count, "held": int(mask.shape[1]),
+            **({"kept": evictor.stats["kept"], "evicted": evictor.stats["evicted"]} if evictor else {})}
+
+
+def policy_option(engine: Any, budget: float | None = None, method: str | None = None, tokens: int | None = None,
+                  off: bool = False) -> KvPolicy | bool | None:
+    """The ``kv_policy`` argument of ``generate`` from command-line options: the artifact's own (None), none
+    (``off``), or its policy with another budget / method / token count."""
+    if off:
+        return False
+    if budget is None and method is None and tokens is None:
+        return None
+    record = getattr(engine, "kv_policy", None) or {}
+    if not record:
+        raise HeadsmithError("--kv-budget / --kv-method / --kv-tokens need an artifact converted with kv-evict(...)",
+                             "convert with --passes \"kv-evict(method=snapkv, budget=0.25)\"")
+    changes: dict[str, Any] = {k: v for k, v in (("budget", budget), ("method", method), ("tokens", tokens))
+                               if v is not None}
+    try:
+        return with_budget(record, **changes)
+    except ValueError as e:
+        raise HeadsmithError(str(e)) from None

@@ -25,6 +25,7 @@ A KV-eviction policy (``runtime/eviction.py``) keeps only some tokens: :meth:`KV
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,15 @@ class KVCache:
                 self._current[i] = 1 - self._current[i]
         self.length = length
         self._behind = [0] * len(self.specs)
+
+    def copy(self) -> KVCache:
+        """An independent copy (its own buffers, no engine bindings): one prefilled prompt, several continuations."""
+        twin = dataclasses.replace(self, bindings={}, capacity=0)  # capacity 0: __post_init__ allocates nothing big
+        twin._buffers = [[b.copy() for b in pair] for pair in self._buffers]
+        twin.capacity, twin.length = self.capacity, self.length
+        twin._current, twin._behind = list(self._current), list(self._behind)
+        twin.scores = None if self.scores is None else [s.copy() for s in self.scores]
+        return twin
 
     def compact(self, index: list[np.ndarray]) -> None:
         """Keep, per entry, the slots ``index[i]`` (indices along the sequence, broadcastable against the entry as
