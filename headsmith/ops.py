@@ -2,6 +2,9 @@
 
 ``headsmith::attention(q, k, v, key_mask, causal, scale, window, sinks, softcap, layer, blocks) -> out``
 
+(and ``headsmith::key_scores``, the attention probabilities KV eviction ranks cached tokens by: see its docstring
+and ``passes/kv_evict.py``)
+
 Layout letters used in this file: B batch, Hq query heads, Hkv key/value heads, Tq query length,
 Tk key length, D head dim of q/k, Dv head dim of v.
 
