@@ -15,6 +15,11 @@ this checkout, so the prompts and keys are those of the main table (same seed). 
 - ``kvpress snapkv``: ``SnapKVPress(compression_ratio=0.5)``: half of it, chosen from the attention of the
   context's last tokens.
 
+``--budgets 0.5,0.25,0.125``: the rows of ``benchmarks/token_sparsification.py`` instead: ``SnapKVPress``,
+``StreamingLLMPress(n_sink=4)`` and ``KnormPress`` keeping each fraction of the context's KV, with passkey per
+depth (the same prompts and keys) and the continuation perplexity of the next ``--continuation`` tokens of John and
+the GPL-3 teacher-forced on the compressed cache.
+
 kvpress compresses the context at prefill (the press's hooks), then the question and the answer run on the
 compressed cache, its own protocol; the question is not seen by the press. ``DuoAttentionPress`` is not run:
 it loads its per-head patterns from the Hugging Face hub (``kvpress`` downloads them), which this machine cannot
@@ -64,10 +69,60 @@ def kvpress_generate(model, tok, question: torch.Tensor, press):
     return run
 
 
+def continuation_ppl(model, ids: torch.Tensor, n: int, press) -> float:
+    """Perplexity of ``ids[n:]`` teacher-forced after the press compressed the cache of ``ids[:n]``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        with press(model) if press is not None else contextlib.nullcontext():
+            first = model(input_ids=ids[None, :n], past_key_values=cache).logits[0, -1:]
+        rest = model(input_ids=ids[None, n:-1], past_key_values=cache,
+                     position_ids=torch.arange(n, ids.numel() - 1)[None]).logits[0]
+    logits = torch.cat([first, rest])
+    return float(torch.nn.functional.cross_entropy(logits.float(), ids[n:]).exp())
+
+
+def token_rows(model, tok, question: torch.Tensor, contexts: list[int], budgets: list[float],
+               continuation: int) -> list[dict]:
+    import kvpress
+
+    from headsmith.corpus import EVAL_TEXT, tokenize
+
+    texts = {"john": EVAL_TEXT.read_text()}
+    gpl3 = Path("/usr/share/common-licenses/GPL-3")
+    if gpl3.exists():
+        texts["gpl3"] = gpl3.read_text()
+    presses = {"transformers": [(1.0, None)]}
+    for name, make in (("kvpress snapkv", lambda r: kvpress.SnapKVPress(compression_ratio=r)),
+                       ("kvpress streaming", lambda r: kvpress.StreamingLLMPress(compression_ratio=r, n_sink=4)),
+                       ("kvpress knorm", lambda r: kvpress.KnormPress(compression_ratio=r))):
+        presses[name] = [(b, make(1.0 - b)) for b in budgets]
+    rows = []
+    for n in contexts:
+        ids = {k: tokenize(tok, v, n + continuation) for k, v in texts.items()}
+        for label, variants in presses.items():
+            for budget, press in variants:
+                start = time.perf_counter()
+                row = {"row": f"{label} {budget:g}" if press is not None else label, "context": n, "budget": budget}
+                for k, v in ids.items():
+                    if v.numel() == n + continuation:
+                        row[f"ppl_{k}"] = continuation_ppl(model, v, n, press)
+                result = passkey(kvpress_generate(model, tok, question, press), tok, [n], DEPTHS)
+                row["passkey_depths"] = result["contexts"][str(n)]["depths"]
+                row["passkey"] = result["contexts"][str(n)]["mean"]
+                row["seconds"] = time.perf_counter() - start
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="2048,4096,8192")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--budgets", default="", help="the token_sparsification rows at these KV fractions")
+    ap.add_argument("--continuation", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(2)
     import kvpress
@@ -82,6 +137,12 @@ def main() -> None:
                "kvpress streaming": kvpress.StreamingLLMPress(compression_ratio=0.75, n_sink=4),
                "kvpress snapkv": kvpress.SnapKVPress(compression_ratio=0.5)}
     question = torch.tensor(tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
+    if args.budgets:
+        rows = token_rows(model, tok, question, [int(c) for c in args.contexts.split(",")],
+                          [float(b) for b in args.budgets.split(",")], args.continuation)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     rows = []
     for label, press in presses.items():
         for n in [int(c) for c in args.contexts.split(",")]:

@@ -16,7 +16,8 @@ Per context N and budget:
 - continuation perplexity: the N tokens of a held-out text are the prompt, the next ``--continuation`` tokens are
   teacher-forced after the cache was compacted (``runtime/eviction.continuation_perplexity``), on the Gospel of John
   (bundled; calibration is Genesis/Exodus) and the GPL-3 (Debian's base-files);
-- passkey retrieval (a 5-digit key in N tokens of filler, greedy answer) per depth;
+- passkey retrieval (a 5-digit key in N tokens of filler, greedy answer) per depth: the prompts and keys of
+  ``headsmith eval --passkey --contexts N`` (and of ``benchmarks/kvpress_rows.py``);
 - KV bytes the cache holds after the prompt (tokens held x bytes per token, fp32);
 - time to first token: the prefill plus the compaction (selection and copy);
 - decode tok/s: ``--new-tokens`` greedy steps after the compacted N-token prompt (best of 2, 2 threads), with the
@@ -128,8 +129,9 @@ def measure(contexts: list[int], methods: list[str], budgets: list[float], conti
                     cache = pre[1].copy()
                     r = continuation_perplexity(engine, ids, n, policy, prefilled=(pre[0], cache))
                     result[name][f"ppl_{text}"] = r["perplexity"]
+        keys = torch.Generator().manual_seed(0)  # the keys `headsmith eval --passkey` and kvpress_rows.py draw
         for depth in depths:  # passkey: one prefill per depth and artifact
-            key = str(10000 + (int(depth * 1000) * 37 + n) % 90000)
+            key = str(int(torch.randint(10000, 100000, (1,), generator=keys)))
             prompt, answer = passkey_prompt(tok, n, depth, key, reserve=2)
             ids = prompt[None]
             for a in {a for _, a, _, _ in rows_spec}:

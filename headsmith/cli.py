@@ -427,7 +427,7 @@ def eval_cmd(
         return
     body = read_text(text, EVAL_TEXT)
     if continuation:
-        _continuation(art, engine, tokenize(art.tokenizer, body, max_tokens), continuation, policy, as_json)
+        _continuation(art, engine, tokenize(art.tokenizer, body, max_tokens)[None], continuation, policy, as_json)
         return
     source = _source_model(art, as_json) if compare else None
     ref = hf_forward(source, art.info.task) if source is not None else None
@@ -520,10 +520,12 @@ def bench(
                                                              "in the artifact, ngram or auto) against plain "
                                                              "decoding.")] = None,
     k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adaptive).")] = 4,
+    kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
 ) -> None:
     """Prefill/decode tokens/s per context, KV bytes/token, peak RSS, vs HF transformers and the bandwidth bound."""
     from .runtime.bench import plot, run_bench
     from .runtime.engine import engine_for
+    from .runtime.eviction import policy_option
 
     try:
         ctx_list = [int(c) for c in contexts.split(",") if c.strip()]
@@ -537,6 +539,7 @@ def bench(
     if art.info.task != "causal-lm":
         raise HeadsmithError(f"{art.info.architecture} is an encoder: bench times decoding", "use `headsmith eval`")
     engine = engine_for(art)
+    policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
     if draft is not None:  # a bad draft fails now, not after minutes of timing
         from .runtime.speculative import draft_for
         draft_for(draft, engine)
@@ -547,7 +550,8 @@ def bench(
     kv = art.spec.kv_bytes_per_token(4)
     with status("benchmarking", quiet=as_json):
         result = run_bench(engine, art.tokenizer, ctx_list, new_tokens, int(art.manifest["decode_weight_bytes"]), kv,
-                           source, progress=None if as_json else _progress(False), draft=draft, k=k)
+                           source, progress=None if as_json else _progress(False), draft=draft, k=k,
+                           kv_policy=policy)
     if plot_path is not None:
         plot(result, str(plot_path))
     if as_json:
@@ -566,7 +570,9 @@ def print_bench(result: dict[str, Any]) -> None:
     for c in cols:
         table.add_column(c, justify="right")
     for r in result["contexts"]:
-        row = [str(r["context"]), f"{r['prefill_tok_s']:.0f}", f"{r.get('step_decode_tok_s', r['decode_tok_s']):.1f}",
+        held = r.get("kv_tokens_held", r["context"])
+        context = str(r["context"]) if held == r["context"] else f"{r['context']} ({held} held)"
+        row = [context, f"{r['prefill_tok_s']:.0f}", f"{r.get('step_decode_tok_s', r['decode_tok_s']):.1f}",
                f"{r['bound_tok_s']:.1f}",
                f"{r['fraction_of_bound']:.0%}"]
         if has_hf:

@@ -6,6 +6,7 @@ logits as the full cache with the evicted keys masked per head; h2o holds a cons
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -279,3 +280,28 @@ def test_models_and_backends_it_does_not_fit_are_refused() -> None:
     plain = TorchEngine.from_program(tiny_program("llama"))
     with pytest.raises(HeadsmithError, match="no KV policy"):
         generate(plain, PROMPTS, CONFIG, kv_policy=KvPolicy("snapkv"))
+
+
+def test_cli_run_eval_bench_with_a_kv_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    from headsmith.cli import main
+
+    path = str(onnx_artifact("kv-evict(method=snapkv, budget=0.4, window=4)", "fused"))
+    code = main(["eval", path, "--json", "--max-tokens", "120", "--continuation", "40"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    assert out["prompt"] == 80 and out["policy"]["kept"] == 32 and out["policy"]["held"] == 32 + 39
+    assert out["full_cache"]["held"] == 119 and out["full_cache"]["tokens"] == out["policy"]["tokens"] == 40
+    code = main(["run", path, "--prompt", "In the beginning God created the heaven and the earth. " * 4,
+                 "--max-new-tokens", "5", "--no-chat", "--kv-budget", "0.25"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "kv-evict(snapkv): kept" in captured.err
+    code = main(["bench", path, "--contexts", "64", "--new-tokens", "4", "--json", "--no-compare"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    row = json.loads(captured.out)["contexts"][0]
+    assert row["kv_tokens_held"] == math.ceil(0.4 * 64) and row["decode_tok_s"] > 0
+    code = main(["eval", path, "--max-tokens", "120", "--continuation", "40", "--kv-method", "h2o"])
+    captured = capsys.readouterr()
+    assert code != 0 and "decode step's attention" in captured.err

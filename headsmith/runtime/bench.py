@@ -21,6 +21,7 @@ import torch
 
 from ..corpus import EVAL_TEXT, tokenize
 from .engine import Engine
+from .eviction import evictor_for
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 7) -> float:
@@ -51,40 +52,52 @@ def prompt_tokens(tokenizer: Any, length: int, vocab: int) -> torch.Tensor:
 class Timing:
     prefill_tok_s: float
     decode_tok_s: float
+    held: int = 0
+    """KV tokens the cache held after the prompt (fewer than the prompt's with a KV-eviction policy)."""
 
 
-def time_engine(engine: Engine, ids: torch.Tensor, new_tokens: int, repeats: int = 1) -> Timing:
-    """Prefill ``ids`` once (timed), two untimed decode steps, then ``new_tokens`` greedy single-token steps timed
-    ``repeats`` times from the same cache (truncated back between runs); the best run is reported."""
+def time_engine(engine: Engine, ids: torch.Tensor, new_tokens: int, repeats: int = 1, kv_policy: Any = None
+                ) -> Timing:
+    """Prefill ``ids`` once (timed, with a KV-eviction policy's compaction), two untimed decode steps, then
+    ``new_tokens`` greedy single-token steps timed ``repeats`` times from the same cache (truncated back between
+    runs; an h2o cache, which evicts while decoding, runs on); the best run is reported. ``kv_policy`` as in
+    ``generate``."""
     b, c = ids.shape
     mask = torch.ones_like(ids)
     pos = torch.arange(c).unsqueeze(0).expand(b, c).contiguous()
+    evictor = evictor_for(engine, kv_policy)
     start = time.perf_counter()
     logits, cache = engine.prefill(ids, mask, pos)
+    if evictor is not None:
+        evictor.after_prefill(cache, mask)
     prefill = time.perf_counter() - start
+    held_prompt = cache.length
     token = logits[:, -1].argmax(-1, keepdim=True)
     t = c
 
     def step(token: torch.Tensor, cache: Any, t: int) -> tuple[torch.Tensor, Any]:
-        m = torch.ones(b, t + 1, dtype=torch.int64)
+        m = torch.ones(b, cache.length + 1, dtype=torch.int64)  # one column per held token (evicted or not)
         out, cache = engine.decode(token, m, torch.full((b, 1), t, dtype=torch.int64), cache)
+        if evictor is not None:
+            evictor.after_step(cache, m, 1)
         return out[:, -1].argmax(-1, keepdim=True), cache
 
     for _ in range(2):  # warm-up steps (first-run allocations), not timed
         token, cache = step(token, cache, t)
         t += 1
     decode = float("inf")
-    first, t0 = token, t
+    first, t0, held = token, t, cache.length
+    rolls_back = evictor is None or evictor.policy.method != "h2o"
     for r in range(repeats):
-        if r:
-            cache.truncate(t0)
+        if r and rolls_back:
+            cache.truncate(held)
         token, t = first, t0
         start = time.perf_counter()
         for _ in range(new_tokens):
             token, cache = step(token, cache, t)
             t += 1
         decode = min(decode, time.perf_counter() - start)
-    return Timing(c * b / prefill, new_tokens * b / decode)
+    return Timing(c * b / prefill, new_tokens * b / decode, held_prompt)
 
 
 def time_hf(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int = 1) -> Timing:
@@ -132,7 +145,8 @@ def time_draft(engine: Engine, ids: torch.Tensor, new_tokens: int, draft: str, k
 
 def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: int, weight_bytes: int,
               kv_bytes_per_token: int, hf_model: torch.nn.Module | None = None,
-              progress: Any = None, repeats: int = 3, draft: str | None = None, k: int = 4) -> dict[str, Any]:
+              progress: Any = None, repeats: int = 3, draft: str | None = None, k: int = 4,
+              kv_policy: Any = None) -> dict[str, Any]:
     """The report (see the module docstring); each speed is the best of ``repeats`` runs, as the bandwidth is
     the best of several, since the machine may be shared. ``draft``: per context also plain and speculative
     greedy generation of ``new_tokens`` (:func:`time_draft`); ``decode_tok_s`` is then the speculative one and
@@ -145,10 +159,12 @@ def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: i
         if progress is not None:
             progress(f"{engine.name}: context {c}")
         ids = prompt_tokens(tokenizer, c, engine.info.vocab_size)
-        timing = time_engine(engine, ids, new_tokens, repeats)
-        bytes_per_token = weight_bytes + kv_bytes_per_token * (c + new_tokens // 2)
+        timing = time_engine(engine, ids, new_tokens, repeats, kv_policy)
+        held = timing.held or c
+        bytes_per_token = weight_bytes + kv_bytes_per_token * (held + new_tokens // 2)
         bound = bandwidth * 1e9 / bytes_per_token
-        rows.append({"context": c, "prefill_tok_s": timing.prefill_tok_s, "decode_tok_s": timing.decode_tok_s,
+        rows.append({"context": c, "kv_tokens_held": held, "prefill_tok_s": timing.prefill_tok_s,
+                     "decode_tok_s": timing.decode_tok_s,
                      "bytes_per_token": bytes_per_token, "bound_tok_s": bound,
                      "fraction_of_bound": timing.decode_tok_s / bound})
         if draft is not None:
