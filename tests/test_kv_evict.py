@@ -277,6 +277,8 @@ def test_models_and_backends_it_does_not_fit_are_refused() -> None:
     engine = TorchEngine.from_program(program)
     with pytest.raises(HeadsmithError, match="decode step's attention"):
         generate(engine, PROMPTS, CONFIG, kv_policy=KvPolicy("h2o", tokens=12, window=4, recent=4))
+    with pytest.raises(HeadsmithError, match="observation window is fixed"):
+        generate(engine, PROMPTS, CONFIG, kv_policy=KvPolicy("snapkv", window=8))
     plain = TorchEngine.from_program(tiny_program("llama"))
     with pytest.raises(HeadsmithError, match="no KV policy"):
         generate(plain, PROMPTS, CONFIG, kv_policy=KvPolicy("snapkv"))

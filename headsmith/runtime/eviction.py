@@ -55,6 +55,10 @@ class Evictor:
             raise HeadsmithError("h2o needs the decode step's attention scores, which this artifact's decode graph does "
                                  f"not return (it was converted with kv-evict(method={record.get('method')}))",
                                  "convert with kv-evict(method=h2o), or choose snapkv or random")
+        if policy.window != int(record.get("window", policy.window)):
+            raise HeadsmithError(f"the artifact's scores come from its last {record['window']} prompt queries (the "
+                                 f"observation window is fixed at convert), not {policy.window}",
+                                 f"keep window={record['window']}, or convert again with kv-evict(window=...)")
         scores = record["scores"]
         by_layer = {int(s["layer"]): i for i, s in enumerate(scores)}
         entry_scores, per_head = [], []
