@@ -1,6 +1,6 @@
 """headsmith's custom ops: the canonical attention every raised program uses.
 
-``headsmith::attention(q, k, v, key_mask, causal, scale, window, sinks, softcap, layer, blocks) -> out``
+``headsmith::attention(q, k, v, key_mask, causal, scale, window, sinks, softcap, layer, blocks, key_bias) -> out``
 
 (and ``headsmith::key_scores``, the attention probabilities KV eviction ranks cached tokens by: see its docstring
 and ``passes/kv_evict.py``)
@@ -15,6 +15,8 @@ Semantics (those of ONNX ``Attention`` opset 23 and onnxruntime's ``GroupQueryAt
 - Queries are the *last* ``Tq`` positions of the ``Tk`` keys (bottom-right alignment): query ``i`` sits
   at key index ``i + Tk - Tq``. A prefill has ``Tq == Tk``; a decode step with a cache has ``Tq < Tk``.
 - ``key_mask[B,Tk]`` (bool, optional): False marks padding keys, never attended.
+- ``key_bias[B,Tk]`` (float, optional): added to every query's logit for that key, after the scale and softcap
+  (token merging's proportional attention: a key standing for ``s`` tokens gets ``log s``, ``headsmith.merging``).
 - ``causal``: key ``j`` is visible to query ``i`` only if ``j <= i + Tk - Tq``.
 - ``window > 0``: additionally ``(i + Tk - Tq) - j < window`` (a sliding window of ``window`` keys,
   the query's own included), except that the first ``sinks`` keys stay visible (attention sinks).
@@ -86,7 +88,7 @@ def attention_mask_bias(key_mask: Tensor | None, tq: int, tk: int, causal: bool,
 @torch.library.custom_op("headsmith::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = True,
               scale: float = 0.0, window: int = 0, sinks: int = 0, softcap: float = 0.0,
-              layer: int = -1, blocks: str = "") -> Tensor:
+              layer: int = -1, blocks: str = "", key_bias: Tensor | None = None) -> Tensor:
     """Reference kernel (torch SDPA with an additive mask); see the module docstring."""
     q, k, v = _promoted(q, k, v)
     _, hq, tq, d = q.shape
@@ -97,7 +99,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
         raise ValueError("attention: a block-sparse layout and a sliding window are exclusive")
     sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
     pattern = block_sparse.BlockPattern.decode(blocks)
-    if causal and tq == tk and window == 0 and softcap == 0.0 and (key_mask is None or bool(key_mask.all())):
+    if causal and tq == tk and window == 0 and softcap == 0.0 and key_bias is None and (
+            key_mask is None or bool(key_mask.all())):
         # an unpadded prefill: kernels that skip work (decode steps never pay for the key_mask check)
         if pattern is None:  # SDPA's causal kernel skips the tiles above the diagonal (an explicit mask does not)
             return torch.nn.functional.scaled_dot_product_attention(
@@ -105,7 +108,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
         out = block_sparse.flex_prefill(q, k, v, pattern, sm_scale)
         if out is not None:
             return out.contiguous()
-    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device, blocks)
+    bias = _with_key_bias(attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device, blocks),
+                          key_bias, q.dtype)
     if softcap > 0.0:
         rep = hq // hkv
         k_rep = k.repeat_interleave(rep, dim=1) if rep > 1 else k
@@ -121,10 +125,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, c
     return out.contiguous()
 
 
+def _with_key_bias(bias: Tensor | None, key_bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The additive mask plus ``key_bias[B,Tk]`` broadcast over heads and queries."""
+    if key_bias is None:
+        return bias
+    extra = key_bias.to(dtype)[:, None, None, :]
+    return extra if bias is None else bias + extra
+
+
 @attention.register_fake
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
                     causal: bool = True, scale: float = 0.0, window: int = 0, sinks: int = 0,
-                    softcap: float = 0.0, layer: int = -1, blocks: str = "") -> Tensor:
+                    softcap: float = 0.0, layer: int = -1, blocks: str = "", key_bias: Tensor | None = None) -> Tensor:
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=dtype)
 
@@ -137,25 +149,27 @@ def _attention_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: t
 
 def _attention_backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor):  # noqa: ANN202
     q, k, v = ctx.saved_tensors  # type: ignore[attr-defined]
-    key_mask, causal, scale, window, sinks, softcap, _layer, blocks = ctx.extra  # type: ignore[attr-defined]
+    key_mask, causal, scale, window, sinks, softcap, _layer, blocks, key_bias = ctx.extra  # type: ignore[attr-defined]
     with torch.enable_grad():
         q_ = q.detach().requires_grad_(True)
         k_ = k.detach().requires_grad_(True)
         v_ = v.detach().requires_grad_(True)
-        out = _attention_math(q_, k_, v_, key_mask, causal, scale, window, sinks, softcap, blocks)
+        out = _attention_math(q_, k_, v_, key_mask, causal, scale, window, sinks, softcap, blocks, key_bias)
         gq, gk, gv = torch.autograd.grad(out, (q_, k_, v_), grad_out)
-    return gq, gk, gv, None, None, None, None, None, None, None, None
+    return gq, gk, gv, None, None, None, None, None, None, None, None, None
 
 
 def _attention_math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool,
-                    scale: float, window: int, sinks: int, softcap: float, blocks: str = "") -> Tensor:
+                    scale: float, window: int, sinks: int, softcap: float, blocks: str = "",
+                    key_bias: Tensor | None = None) -> Tensor:
     """Differentiable twin of the reference kernel (used for backward, e.g. by ``heal``); the casts of
     :func:`_promoted` are part of its graph, so each gradient comes back in its input's dtype."""
     q, k, v = _promoted(q, k, v)
     _, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     sm_scale = scale if scale > 0.0 else 1.0 / math.sqrt(d)
-    bias = attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device, blocks)
+    bias = _with_key_bias(attention_mask_bias(key_mask, tq, tk, causal, window, sinks, q.dtype, q.device, blocks),
+                          key_bias, q.dtype)
     if softcap > 0.0:
         rep = hq // hkv
         k = k.repeat_interleave(rep, dim=1) if rep > 1 else k

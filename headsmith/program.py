@@ -9,6 +9,7 @@ A Program wraps
 - ``history``: the pass specs applied so far, and their reports;
 - ``drafts``: speculative-decoding drafts derived from it (``passes/draft.py``), lowered beside it;
 - ``kv_policy``: how its decode cache evicts tokens (``passes/kv_evict.py``), if at all.
+- ``token_merge``: where an encoder merges tokens (``passes/token_merge.py``), if at all.
 
 Programs are values: a pass returns a new Program and leaves its input as it was (weights are shared
 until a pass replaces one). ``spec()`` derives the per-layer :class:`ModelSpec` from the graph itself.
@@ -27,6 +28,7 @@ from torch import Tensor, fx
 from .errors import HeadsmithError, RaiseError
 from .fxutil import clone_module, format_near, record_values
 from .kv_policy import KvPolicy
+from .merging import MergeSchedule
 from .qweights import is_quantized_weight_use, packed_args
 from .sites import AttentionSite, SiteError, attention_nodes, find_sites
 
@@ -156,6 +158,9 @@ class Program:
     kv_policy: KvPolicy | None = None
     """A KV-cache eviction policy (``kv-evict``, :mod:`headsmith.kv_policy`): the step graphs return the attention
     scores it ranks tokens by, and the runtime compacts the cache."""
+    token_merge: MergeSchedule | None = None
+    """Token merging (``token-merge``, :mod:`headsmith.merging`): exported graphs take an even length of at least
+    ``min_tokens``, which engines pad their inputs to."""
     _shapes: dict[fx.Node, tuple[int, ...]] | None = field(default=None, repr=False)
 
     # ---- running -------------------------------------------------------------------------------

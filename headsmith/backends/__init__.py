@@ -28,6 +28,9 @@ def lower(name: str, program: Program, directory: Path, progress: Any = None,
         raise BackendError(f"kv-evict({program.kv_policy.method}) is not built for the {name} backend yet: its engine "
                            "returns no attention scores and cannot compact its cache",
                            "convert with --backend onnx or --backend torch")
+    if name in ("tvm", "tensorrt") and program.token_merge is not None:
+        raise BackendError(f"token-merge is not built for the {name} backend yet (its attention has no key bias)",
+                           "convert with --backend onnx or --backend torch")
     if name == "tvm":
         from .tvm_backend import DEFAULT_TARGET, lower_tvm
         target = options.pop("target", DEFAULT_TARGET)

@@ -37,6 +37,7 @@ from torch import Tensor, fx
 from .._version import __version__
 from ..errors import ArtifactError, BackendError, OutputExistsError
 from ..fxutil import get_tensor
+from ..merging import engine_call
 from ..program import INPUT_NAMES, ModelInfo, ModelSpec, Program, SourceInfo, default_positions
 from .lowering import DraftLowering, draft_lowerings
 
@@ -211,8 +212,11 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
     _say(progress, "writing weights.safetensors")
     save_file(unique, str(tmp / "weights.safetensors"), metadata={"format": "pt"})
     _say(progress, "exporting program.pt2 (torch.export)")
-    example = program.example_inputs(batch=2, seq=16)
-    ep = export_program(program.gm, weights, example)
+    example, dynamic = program.example_inputs(batch=2, seq=16), None
+    if program.token_merge is not None:  # a merged graph has one length (static shapes per merge step)
+        example = program.example_inputs(batch=2, seq=program.token_merge.length)
+        dynamic = tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in example)
+    ep = export_program(program.gm, weights, example, dynamic)
     torch.export.save(ep, str(tmp / "program.pt2"))
     if program.tokenizer is not None:
         program.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -224,6 +228,8 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
     if backend != "torch":
         from . import lower
         backend_info = lower(backend, program, tmp, progress, options)
+    if program.token_merge is not None:
+        backend_info["token_merge"] = program.token_merge.to_dict()
     spec = program.spec()
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -299,8 +305,11 @@ class Artifact:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = default_positions(attention_mask, self.info.task)
+        def run(ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+            return self.module()(self.weights, ids, pos, mask.to(torch.int64))
         with torch.no_grad():
-            return self.module()(self.weights, input_ids, position_ids, attention_mask.to(torch.int64))
+            return engine_call(self.manifest["backend"].get("token_merge"), run, input_ids, attention_mask,
+                               position_ids)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

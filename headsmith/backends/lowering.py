@@ -37,6 +37,8 @@ def fuse_kv_attention(gm: fx.GraphModule) -> int:
     graph = gm.graph
     count = 0
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION]:
+        if node.kwargs.get("key_bias") is not None:  # token merging's proportional attention: no cache, no kernel
+            continue
         q, k, v = node.args[0], node.args[1], node.args[2]
         key_mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("key_mask")
         k_new, past_k = _split_cat(k)

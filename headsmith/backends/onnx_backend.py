@@ -164,8 +164,12 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
     inputs = ["input_ids", "position_ids", "attention_mask"]
     quantized = {"accuracy_level": accuracy_level} if program.quantized else {}
     if program.info.task == "encoder":
+        dims: dict[int, Any] = {0: batch, 1: seq}
+        if program.token_merge is not None:  # a merged graph has one length (static shapes per merge step)
+            ids, pos, mask = program.example_inputs(batch=2, seq=program.token_merge.length)
+            dims = {0: batch}
         _say(progress, "exporting model.onnx")
-        export_graph(program.gm, (ids, pos, mask), ({0: batch, 1: seq},) * 3, directory / "model.onnx", inputs,
+        export_graph(program.gm, (ids, pos, mask), (dims,) * 3, directory / "model.onnx", inputs,
                      ["last_hidden_state"], variant, accuracy_level=accuracy_level)
         onnx.checker.check_model(str(directory / "model.onnx"), full_check=False)
         return {"name": "onnx", "attention": variant, "opset": FUSED_OPSET if variant == "fused" else OPSET,

@@ -40,7 +40,8 @@ def _block_visible(q_pos: Any, k_pos: Any, blocks: str) -> Any:
 
 
 def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool = True, scale: float = 0.0,
-                     window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1, blocks: str = "") -> Any:
+                     window: int = 0, sinks: int = 0, softcap: float = 0.0, layer: int = -1, blocks: str = "",
+                     key_bias: Any = None) -> Any:
     """``headsmith.attention`` in opset-20 ops (see the module docstring)."""
     from onnxscript import opset20 as op
 
@@ -68,6 +69,8 @@ def _plain_attention(q: Any, k: Any, v: Any, key_mask: Any = None, causal: bool 
     if softcap > 0.0:
         cap = op.CastLike(op.Constant(value_float=softcap), scores)
         scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    if key_bias is not None:  # [B,Tk] -> [B,1,1,1,Tk]
+        scores = op.Add(scores, op.CastLike(op.Unsqueeze(key_bias, op.Constant(value_ints=[1, 2, 3])), scores))
     allowed = None
     if causal or window > 0 or blocks:
         tq_s = op.Squeeze(tq, zero)

@@ -251,6 +251,9 @@ class Converters:
 
         q, k, v = (importer.env[a] for a in node.args[:3])
         key_mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("key_mask")
+        if node.kwargs.get("key_bias") is not None or len(node.args) > 11:
+            raise BackendError("the TVM lowering has no attention key bias (token-merge's proportional attention)",
+                               "convert a token-merge program with --backend onnx or torch")
         opts = self._options(node, 4)
         b, hq, tq, d = q.ty.shape
         tk = k.ty.shape[2]

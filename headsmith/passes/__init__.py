@@ -25,9 +25,10 @@ from .quantize import Quantize
 from .raise_attention import RaiseAttention
 from .sparse_attention import SparseAttention
 from .spec import build, parse_spec
+from .token_merge import TokenMerge
 
 ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Draft, Gqa, Heal, KvEvict, Mla,
-                                      PruneHeads, PruneLayers, PruneMlp, Quantize, SparseAttention)
+                                      PruneHeads, PruneLayers, PruneMlp, Quantize, SparseAttention, TokenMerge)
 REGISTRY: dict[str, type[Pass]] = {p.name: p for p in ALL_PASSES}
 ENTRY_POINT_GROUP = "headsmith.passes"
 _plugins_loaded = False

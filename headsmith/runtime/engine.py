@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BackendError
+from ..merging import engine_call
 from ..program import ModelInfo, ModelSpec, Program
 from .kv_cache import CacheSpec
 from .ring import Ring, ring_masks, rings_of, step_size
@@ -193,6 +194,9 @@ class TorchEngine:
     """The manifest's KV-eviction policy record (``passes/kv_evict.py``; empty: none)."""
     cache_layout: list[dict[str, Any]] = field(default_factory=list)
     """The manifest's cache entries."""
+    token_merge: dict[str, Any] = field(default_factory=dict)
+    """An exported token-merge graph's record (its input length: ``passes/token_merge.py``; empty: none, or an
+    eager program, which pads itself)."""
     name: str = "torch"
 
     @staticmethod
@@ -222,7 +226,8 @@ class TorchEngine:
 
         forward = load(backend["program"])
         if artifact.info.task != "causal-lm":
-            return TorchEngine(artifact.info, artifact.spec, None, None, forward, [])
+            return TorchEngine(artifact.info, artifact.spec, None, None, forward, [],
+                               token_merge=dict(backend.get("token_merge", {})))
         cache = backend.get("cache", [])
         drafts = dict(backend.get("drafts", {}))
         return TorchEngine(artifact.info, artifact.spec, load(backend["prefill"]), load(backend["decode"]), forward,
@@ -266,7 +271,8 @@ class TorchEngine:
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         check_inputs(input_ids, attention_mask, position_ids)
         with torch.no_grad():
-            return self.forward_fn(input_ids, position_ids, attention_mask)
+            return engine_call(self.token_merge, lambda ids, mask, pos: self.forward_fn(ids, pos, mask),
+                               input_ids, attention_mask, position_ids)
 
 
 def bind_weights(ep: Any, weights: dict[str, Tensor]) -> Any:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BackendError
+from ..merging import engine_call
 from ..program import ModelInfo, ModelSpec
 from .engine import _feeds, check_inputs, decode_in_steps, empty_pasts
 from .kv_cache import CacheSpec, KVCache
@@ -200,9 +201,9 @@ class OrtEngine:
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         check_inputs(input_ids, attention_mask, position_ids)
         if "forward" in self.backend:
-            out = self.session("forward").run(None, {k: v for k, v in _feeds(input_ids, position_ids,
-                                                                             attention_mask).items()})
-            return torch.from_numpy(out[0])
+            def run(ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+                return torch.from_numpy(self.session("forward").run(None, _feeds(ids, pos, mask))[0])
+            return engine_call(self.backend.get("token_merge"), run, input_ids, attention_mask, position_ids)
         # the decode graph from an empty cache (a prompt): every token's logits; the presents are dropped
         feeds = _feeds(input_ids, position_ids, attention_mask)
         feeds.update(ring_masks(self.rings, attention_mask, 0))
