@@ -4,6 +4,8 @@
                                               [--methods full,snapkv,h2o,random] [--continuation 256]
                                               [--new-tokens 32] [--depths 0,0.25,0.5,0.75,1] [--json out.json]
     python benchmarks/token_sparsification.py --generate 4096 --rows full|h2o     # resident memory while generating
+    python benchmarks/token_sparsification.py --encoder [--lengths 128,512] [--merges 128:4,8,12,16;512:16,32,48,64]
+                                              [--metrics hidden,keys]              # token merging on MiniLM-L6
 
 Two artifacts (converted once into out/, fused ONNX lowering, fp32): ``kv-evict(method=snapkv)`` (its prefill returns
 the observation window's scores; the full-cache and random rows run on it too, the full cache with the policy off)
@@ -22,6 +24,12 @@ Per context N and budget:
 - time to first token: the prefill plus the compaction (selection and copy);
 - decode tok/s: ``--new-tokens`` greedy steps after the compacted N-token prompt (best of 2, 2 threads), with the
   bound the bytes allow: (weights + full K/V) / (weights + held K/V) bytes read per step, beside the measured ratio.
+
+``--encoder``: ``token-merge(r=R, length=N, metric=M)`` on MiniLM-L6 (ONNX Runtime, fp32, 2 threads), one artifact
+per row, against the unmerged model's ONNX artifact on the same passages: N-token passages ([CLS] + N-2 tokens +
+[SEP]) cut from the Gospel of John and the GPL-3 (up to 16 of each); the mean and least cosine of each passage's
+mean-pooled embedding to the unmerged one's, Spearman's correlation of all pairwise passage similarities with the
+unmerged ones, and passages per second (batches of 8, best of 3).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from _common import OUT, artifact, held_out_texts, machine, table
 
 from headsmith.backends.artifact import read_artifact
 from headsmith.corpus import passkey_prompt
+from headsmith.eval.metrics import mean_pool, similarity_spearman
 from headsmith.kv_policy import KvPolicy
 from headsmith.runtime.engine import engine_for
 from headsmith.runtime.eviction import continuation_perplexity, evictor_for
@@ -204,6 +213,60 @@ def generate_memory(row: str, n: int) -> dict[str, Any]:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kv": result.stats.get("kv")}
 
 
+ENCODER = "minilm-l6"
+ENCODER_COLUMNS = [("length", "tokens", ""), ("row", "row", ""), ("cosine", "cosine", ".4f"),
+                   ("cosine_min", "least", ".4f"), ("spearman", "Spearman", ".4f"), ("sentences_s", "passages/s", ".1f"),
+                   ("speedup", "x unmerged", ".2f")]
+
+
+def passages(tokenizer: Any, n: int, per_text: int = 16) -> torch.Tensor:
+    """``[P, n]`` ids: [CLS] + n-2 tokens + [SEP], consecutive pieces of each held-out text."""
+    rows = []
+    for ids in held_out_texts(tokenizer, 10 ** 6).values():
+        for i in range(min(per_text, len(ids) // (n - 2))):
+            rows.append(torch.cat([torch.tensor([tokenizer.cls_token_id]), ids[i * (n - 2):(i + 1) * (n - 2)],
+                                   torch.tensor([tokenizer.sep_token_id])]))
+    return torch.stack(rows)
+
+
+def embed(engine: Any, ids: torch.Tensor, batch: int = 8, repeats: int = 3) -> tuple[torch.Tensor, float]:
+    """Mean-pooled embeddings of every passage and the best passages/s over ``repeats`` passes."""
+    mask = torch.ones_like(ids)
+    pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1).contiguous()
+    best, out = float("inf"), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = [mean_pool(engine.forward(ids[i:i + batch], mask[i:i + batch], pos[i:i + batch]), mask[i:i + batch])
+               for i in range(0, len(ids), batch)]
+        best = min(best, time.perf_counter() - t0)
+    return torch.cat(out), len(ids) / best
+
+
+def encoder_rows(lengths: list[int], merges: dict[int, list[int]], metrics: list[str]) -> list[dict[str, Any]]:
+    base_art = read_artifact(artifact(ENCODER, "onnx"))
+    base = engine_for(base_art, threads=2)
+    rows: list[dict[str, Any]] = []
+    for n in lengths:
+        ids = passages(base_art.tokenizer, n)
+        ref, ref_speed = embed(base, ids)
+        rows.append({"length": n, "row": "unmerged", "passages": len(ids), "cosine": 1.0, "cosine_min": 1.0,
+                     "spearman": 1.0, "sentences_s": ref_speed, "speedup": 1.0})
+        print(rows[-1], flush=True)
+        for metric in metrics:
+            for r in merges.get(n, []):
+                spec = f"token-merge(r={r}, length={n}, metric={metric})"
+                engine = engine_for(read_artifact(artifact(ENCODER, "onnx", spec,
+                                                           name=f"{ENCODER}-onnx-tome{n}-{metric}-r{r}")), threads=2)
+                emb, speed = embed(engine, ids)
+                cos = torch.nn.functional.cosine_similarity(emb, ref)
+                rows.append({"length": n, "row": f"r={r} ({metric})", "r": r, "metric": metric, "passages": len(ids),
+                             "cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+                             "spearman": similarity_spearman(ref, emb), "sentences_s": speed,
+                             "speedup": speed / ref_speed})
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="2048,4096")
@@ -215,8 +278,19 @@ def main() -> None:
     ap.add_argument("--json", default=str(OUT / "token_sparsification.json"))
     ap.add_argument("--generate", type=int, default=0)
     ap.add_argument("--rows", default="h2o")
+    ap.add_argument("--encoder", action="store_true")
+    ap.add_argument("--lengths", default="128,512")
+    ap.add_argument("--merges", default="128:4,8,12,16;512:16,32,48,64")
+    ap.add_argument("--metrics", default="hidden,keys")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.encoder:
+        merges = {int(k): [int(r) for r in v.split(",")] for k, v in (m.split(":") for m in args.merges.split(";"))}
+        rows = encoder_rows([int(n) for n in args.lengths.split(",")], merges, args.metrics.split(","))
+        (OUT / "token_merge.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        print(f"\n{machine()}\n")
+        print(table(rows, ENCODER_COLUMNS))
+        return
     if args.generate:
         result = generate_memory(args.rows, args.generate)
         print(json.dumps(result))

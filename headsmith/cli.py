@@ -436,7 +436,9 @@ def eval_cmd(
             texts = sentences(body, max(8, max_tokens // 32))
             result: dict[str, Any] = {"perplexity": None, "tokens": 0}
             if ref is not None:
-                result.update(embedding_similarity(engine.forward, ref, art.tokenizer, texts))
+                merged = art.manifest["backend"].get("token_merge") or {}  # a merged encoder runs at one length
+                result.update(embedding_similarity(engine.forward, ref, art.tokenizer, texts,
+                                                   max_length=min(256, merged.get("length", 256))))
         else:
             ids = tokenize(art.tokenizer, body, max_tokens)
             win = min(window, art.info.max_positions or window)
@@ -537,7 +539,8 @@ def bench(
         raise HeadsmithError(f"--k must be >= 1, got {k}")
     art = _artifact(artifact_dir)
     if art.info.task != "causal-lm":
-        raise HeadsmithError(f"{art.info.architecture} is an encoder: bench times decoding", "use `headsmith eval`")
+        _bench_encoder(art, ctx_list, as_json, compare)
+        return
     engine = engine_for(art)
     policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
     if draft is not None:  # a bad draft fails now, not after minutes of timing
@@ -558,6 +561,29 @@ def bench(
         out.print_json(json.dumps(result))
         return
     print_bench(result)
+
+
+def _bench_encoder(art: Any, contexts: list[int], as_json: bool, compare: bool) -> None:
+    from .runtime.bench import run_encoder_bench
+    from .runtime.engine import engine_for
+
+    limit = (art.manifest["backend"].get("token_merge") or {}).get("length") or art.info.max_positions
+    if limit is not None and max(contexts) > limit:
+        raise HeadsmithError(f"context {max(contexts)} exceeds the {limit} tokens this encoder runs at",
+                             "give --contexts up to that length")
+    source = _source_model(art, as_json) if compare else None
+    with status("benchmarking", quiet=as_json):
+        result = run_encoder_bench(engine_for(art), art.tokenizer, contexts, source)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title=f"encoder benchmark ({result['backend']}, {result['threads']} threads, batches of 8)")
+    for c in ("tokens", "sentences/s", "HF sentences/s", "ratio vs HF"):
+        table.add_column(c, justify="right")
+    for r in result["contexts"]:
+        table.add_row(str(r["context"]), f"{r['sentences_s']:.1f}", f"{r.get('hf_sentences_s', float('nan')):.1f}",
+                      f"{r.get('ratio_vs_hf', float('nan')):.2f}x")
+    out.print(table)
 
 
 def print_bench(result: dict[str, Any]) -> None:

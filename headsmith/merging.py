@@ -5,8 +5,8 @@ Letters: B batch, T tokens before the merge, N tokens of the input, E width, C t
 One merge step removes ``r`` tokens from ``x[B,T,E]``:
 
 1. split the tokens alternately into A (even positions) and B (odd), so each token's neighbours are in the
-   other set; normalise the metric (the layer's keys, averaged over heads) and score every A token against every
-   B token by cosine similarity;
+   other set; score every A token against every B token by the cosine similarity of a metric: ToMe's is the
+   layer's keys averaged over heads, the default here the hidden states being merged (``passes/token_merge.py``);
 2. each A token picks its most similar B token; the ``r`` A tokens with the best matches are *merged* into
    theirs, the other A tokens stay;
 3. a merged token is the size-weighted average of what it absorbed (``size``: how many input tokens it stands
@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MergeSchedule", "bipartite_merge", "engine_call", "initial_state", "pad_inputs", "size_bias", "unmerge"]
+__all__ = ["MergeSchedule", "bipartite_merge", "engine_call", "initial_state", "key_metric", "pad_inputs", "size_bias",
+           "unmerge"]
 
 _BIG = 1e4  # beyond any cosine: padding sources first, protected tokens never
 
@@ -50,6 +51,8 @@ class MergeSchedule:
     """The merging layers, ascending."""
     protect: int = 1
     """Leading tokens never merged away (a [CLS] token)."""
+    metric: str = "hidden"
+    """What similarity is measured on: ``hidden`` (the states being merged) or ``keys`` (ToMe's)."""
     length: int = 512
     """The input length the program runs at (inputs are padded to it; longer ones are refused)."""
 
@@ -101,15 +104,20 @@ def size_bias(sizes: Tensor) -> tuple[Tensor, Tensor]:
     return sizes > 0, torch.log(sizes.clamp_min(1.0))
 
 
-def bipartite_merge(x: Tensor, keys: Tensor, sizes: Tensor, origin: Tensor, r: int, protect: int = 1
+def key_metric(keys: Tensor) -> Tensor:
+    """ToMe's metric: the attention's keys ``[B,H,T,C]`` averaged over heads -> ``[B,T,C]``."""
+    return keys.mean(dim=1)
+
+
+def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, origin: Tensor, r: int, protect: int = 1
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """One ToMe step (see the module docstring): ``x[B,T,E]``, ``keys[B,H,T,C]`` (the metric: averaged over heads),
+    """One ToMe step (see the module docstring): ``x[B,T,E]``, ``metric[B,T,C]`` (what similarity is measured on),
     ``sizes[B,T]`` (float), ``origin[B,N]`` (int64) -> merged ``x[B,T-r,E]``, ``sizes[B,T-r]``, ``origin[B,N]``.
     The first ``protect`` tokens are never merged away; ``T`` is even and at least ``2 (r + ceil(protect / 2))``."""
     t, n = x.shape[1], r
     if t % 2 or t < 2 * (r + (protect + 1) // 2):
-        raise ValueError(f"bipartite_merge: {t} tokens cannot lose {r} (an even length of at least 2 (r + ceil(protect / 2)) can)")
-    metric = keys.mean(dim=1)
+        raise ValueError(f"bipartite_merge: {t} tokens cannot lose {r} (an even length of at least "
+                         "2 (r + ceil(protect / 2)) can)")
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     m_a, m_b = m[:, ::2], m[:, 1::2]
     s_a, s_b = sizes[:, ::2], sizes[:, 1::2]

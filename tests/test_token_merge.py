@@ -60,7 +60,7 @@ def test_one_merge_step_keeps_what_the_numpy_reference_keeps() -> None:
     mask[1, 13:] = 0
     sizes, origin = merging.initial_state(mask)
     sizes = sizes * torch.randint(1, 4, (2, 20), generator=g)  # tokens that already stand for several
-    new_x, new_sizes, new_origin = merging.bipartite_merge(x, keys, sizes, origin, r=6, protect=1)
+    new_x, new_sizes, new_origin = merging.bipartite_merge(x, merging.key_metric(keys), sizes, origin, r=6, protect=1)
     assert new_x.shape == (2, 14, 6)
     for row in range(2):
         ref_x, ref_sizes, ref_slot = reference_merge(x[row].numpy(), keys[row].numpy(), sizes[row].numpy(), 6, 1)
@@ -88,7 +88,7 @@ def test_unmerge_mean_pool_is_the_size_weighted_mean() -> None:
     x, keys = torch.randn(1, 16, 4, generator=g), torch.randn(1, 2, 16, 3, generator=g)
     sizes, origin = merging.initial_state(torch.ones(1, 16, dtype=torch.int64))
     for _ in range(2):
-        x, sizes, origin = merging.bipartite_merge(x, keys[:, :, :x.shape[1]], sizes, origin, r=4)
+        x, sizes, origin = merging.bipartite_merge(x, x, sizes, origin, r=4)
     full = merging.unmerge(x, origin, 16)
     weighted = (x * sizes[..., None]).sum(1) / sizes.sum()
     torch.testing.assert_close(mean_pool(full, torch.ones(1, 16, dtype=torch.int64)), weighted)
@@ -109,7 +109,7 @@ def test_r0_is_exact_and_merging_shortens_every_later_layer() -> None:
     real = mask.bool()
     torch.testing.assert_close(same(ids, mask)[real], ref[real], rtol=1e-5, atol=1e-5)
     merged = program.apply("token-merge(r=6, length=32)")
-    assert merged.token_merge == merging.MergeSchedule(6, (0, 1), 1, 32)
+    assert merged.token_merge == merging.MergeSchedule(6, (0, 1), 1, "hidden", 32)
     out = merged(ids, mask)
     assert out.shape == ref.shape
     cos = torch.nn.functional.cosine_similarity(mean_pool(out, mask), mean_pool(ref, mask))
@@ -119,10 +119,10 @@ def test_r0_is_exact_and_merging_shortens_every_later_layer() -> None:
     assert lengths == [32, 26]  # layer 1 runs on 32 - 6 tokens
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torch"])
-def test_artifacts_merge_as_the_program_does(backend: str) -> None:
-    merged = tiny_program("bert").apply("token-merge(r=6, length=32)")
-    out = write_artifact(merged, _ROOT / f"tome-{backend}", backend=backend, force=True)
+@pytest.mark.parametrize(("backend", "metric"), [("onnx", "hidden"), ("onnx", "keys"), ("torch", "hidden")])
+def test_artifacts_merge_as_the_program_does(backend: str, metric: str) -> None:
+    merged = tiny_program("bert").apply(f"token-merge(r=6, length=32, metric={metric})")
+    out = write_artifact(merged, _ROOT / f"tome-{backend}-{metric}", backend=backend, force=True)
     engine = engine_for(read_artifact(out))
     assert read_artifact(out).manifest["backend"]["token_merge"]["length"] == 32
     for length in (24, 32, 7):
@@ -141,6 +141,7 @@ def test_artifacts_merge_as_the_program_does(backend: str) -> None:
     ("token-merge(r=-2)", "even"),
     ("token-merge(r=4, length=31)", "even number of tokens"),
     ("token-merge(r=2, protect=-1)", "protect"),
+    ("token-merge(r=2, metric=values)", "hidden or keys"),
 ])
 def test_bad_options_are_refused(spec: str, match: str) -> None:
     with pytest.raises(HeadsmithError, match=match):
@@ -159,3 +160,21 @@ def test_models_and_backends_it_does_not_fit_are_refused() -> None:
         merged.apply("token-merge(r=4)")
     with pytest.raises(HeadsmithError, match="not built for the tvm backend"):
         write_artifact(merged, _ROOT / "tome-tvm", backend="tvm", force=True)
+
+
+def test_hf_export_and_cli_eval_bench_of_a_merged_encoder(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from headsmith.cli import main
+
+    merged = tiny_program("bert").apply("token-merge(r=6, length=32)")
+    with pytest.raises(HeadsmithError, match="merges tokens"):
+        write_artifact(merged, _ROOT / "tome-hf", backend="torch", force=True, options={"export": "hf"})
+    out = write_artifact(merged, _ROOT / "tome-cli", backend="onnx", force=True)
+    assert main(["eval", str(out), "--json", "--max-tokens", "256"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.5 < result["embedding_cosine"] <= 1.0 and -1.0 <= result["similarity_spearman"] <= 1.0
+    assert main(["bench", str(out), "--json", "--contexts", "16,32"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert [r["context"] for r in bench["contexts"]] == [16, 32] and bench["contexts"][0]["sentences_s"] > 0
+    assert main(["bench", str(out), "--contexts", "64"]) != 0

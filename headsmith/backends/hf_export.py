@@ -56,6 +56,9 @@ def export_config(program: Program) -> dict[str, Any]:
     """The source config with the sizes the passes changed; refuses what the architecture cannot express."""
     spec = program.spec()
     config = json.loads(json.dumps(program.info.config))
+    if program.token_merge is not None:
+        raise BackendError("the program merges tokens (token-merge), which no Hugging Face config describes",
+                           "export with --backend onnx or torch instead")
     if any(layer.latent for layer in spec.layers):
         raise BackendError("the program has latent (MLA) attention, which its source architecture "
                            f"({program.info.architecture}) cannot express", "export with --backend instead")

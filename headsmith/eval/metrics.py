@@ -85,21 +85,45 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch: int = 16) -> Tensor:
+def embeddings(forward: Forward, tokenizer: Any, texts: list[str], batch: int = 16, max_length: int = 256) -> Tensor:
     out = []
     for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids).contiguous()
         out.append(mean_pool(forward(ids, mask, pos), mask))
     return torch.cat(out)
 
 
-def embedding_similarity(forward: Forward, reference: Forward, tokenizer: Any, texts: list[str]) -> dict[str, float]:
-    a = embeddings(forward, tokenizer, texts)
-    b = embeddings(reference, tokenizer, texts)
+def embedding_similarity(forward: Forward, reference: Forward, tokenizer: Any, texts: list[str],
+                         max_length: int = 256) -> dict[str, float]:
+    a = embeddings(forward, tokenizer, texts, max_length=max_length)
+    b = embeddings(reference, tokenizer, texts, max_length=max_length)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    return {"embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()), "sentences": len(texts)}
+    return {"embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
+            "similarity_spearman": similarity_spearman(a, b), "sentences": len(texts)}
+
+
+def similarity_spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation between the pairwise cosine similarities of embeddings ``a[N,E]`` and ``b[N,E]``
+    (every pair once): 1 when ``b`` ranks every pair of texts as ``a`` does, which is what retrieval needs."""
+    def pairs(e: Tensor) -> Tensor:
+        e = torch.nn.functional.normalize(e.double(), dim=-1)
+        i, j = torch.triu_indices(len(e), len(e), offset=1)
+        return (e @ e.T)[i, j]
+
+    def ranks(x: Tensor) -> Tensor:  # average ranks of ties
+        order = torch.argsort(x)
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=x.dtype)
+        values, inverse = torch.unique(x, return_inverse=True)
+        mean = torch.zeros(len(values), dtype=x.dtype).index_add_(0, inverse, r)
+        return mean[inverse] / torch.bincount(inverse).to(x.dtype)
+
+    x, y = pairs(a), pairs(b)
+    if len(x) < 2:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([ranks(x), ranks(y)]))[0, 1])
 
 
 def hf_forward(model: torch.nn.Module, task: str) -> Forward:

@@ -7,7 +7,7 @@ through HF ``generate()``: prefill is timed as ``generate(max_new_tokens=1)`` an
 to ``generate(max_new_tokens=1+N)`` (``min_new_tokens`` forces the length). Decoding is memory-bound, so
 the report also gives the machine's measured read bandwidth, the bound it sets
 (bandwidth / bytes read per decoded token: the weights a step reads plus the K/V of C tokens) and the
-fraction of it each engine reaches.
+fraction of it each engine reaches. Encoders (:func:`run_encoder_bench`): sentences per second per length.
 """
 
 from __future__ import annotations
@@ -185,6 +185,38 @@ def run_bench(engine: Engine, tokenizer: Any, contexts: list[int], new_tokens: i
             "bandwidth_gb_s": bandwidth,
             "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token,
             "peak_rss_mb": engine_rss, "peak_rss_with_hf_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+def run_encoder_bench(engine: Engine, tokenizer: Any, contexts: list[int], hf_model: torch.nn.Module | None = None,
+                      batch: int = 8, repeats: int = 3) -> dict[str, Any]:
+    """Encoders: sentences per second per length C (a batch of ``batch`` C-token sentences of the evaluation
+    text, best of ``repeats``), against HF transformers on the same batch."""
+    rows = []
+    for c in contexts:
+        ids = prompt_tokens(tokenizer, c * batch, engine.info.vocab_size).reshape(batch, c)
+        mask = torch.ones_like(ids)
+        pos = torch.arange(c).expand(batch, -1).contiguous()
+        row: dict[str, Any] = {"context": c, "batch": batch,
+                               "sentences_s": batch / _best(lambda: engine.forward(ids, mask, pos), repeats)}
+        if hf_model is not None:
+            def hf() -> None:
+                with torch.no_grad():
+                    hf_model(input_ids=ids, attention_mask=mask, position_ids=pos)
+            row["hf_sentences_s"] = batch / _best(hf, repeats)
+            row["ratio_vs_hf"] = row["sentences_s"] / row["hf_sentences_s"]
+        rows.append(row)
+    return {"backend": engine.name, "task": "encoder", "contexts": rows, "repeats": repeats,
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+def _best(run: Any, repeats: int) -> float:
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def plot(result: dict[str, Any], path: str) -> None:
