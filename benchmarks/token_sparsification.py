@@ -35,6 +35,7 @@ unmerged ones, and passages per second (batches of 8, best of 3).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import resource
@@ -49,7 +50,7 @@ from headsmith.corpus import passkey_prompt
 from headsmith.eval.metrics import mean_pool, similarity_spearman
 from headsmith.kv_policy import KvPolicy
 from headsmith.runtime.engine import engine_for
-from headsmith.runtime.eviction import continuation_perplexity, evictor_for
+from headsmith.runtime.eviction import continuation_perplexity, evictor_for, with_budget
 from headsmith.runtime.generate import GenerationConfig, generate
 
 MODEL = "smollm2-135m"
@@ -61,24 +62,29 @@ COLUMNS = [("context", "context", ""), ("row", "row", ""), ("ppl_john", "ppl Joh
 SPECS = {"snapkv": "kv-evict(method=snapkv)", "h2o": "kv-evict(method=h2o)"}
 
 
-def engines() -> dict[str, Any]:
+def engines(snapkv: str = SPECS["snapkv"]) -> dict[str, Any]:
+    """The two artifacts; ``snapkv``: the spec of the snapkv one (another window or pooling: its own directory)."""
     out = {}
-    for name, spec in SPECS.items():
-        art = read_artifact(artifact(MODEL, "onnx", spec, name=f"{MODEL}-onnx-{name}"))
+    for name, spec in {**SPECS, "snapkv": snapkv}.items():
+        suffix = "" if spec == SPECS[name] else "-" + re.sub(r"[^a-z0-9]+", "-", spec.split("(", 1)[-1]).strip("-")
+        art = read_artifact(artifact(MODEL, "onnx", spec, name=f"{MODEL}-onnx-{name}{suffix}"))
         out[name] = (art, engine_for(art, threads=2))
     return out
 
 
-def policies(methods: list[str], budgets: list[float]) -> list[tuple[str, str, KvPolicy | bool, float]]:
-    """``(row name, artifact, kv_policy, budget)`` for every row."""
+def policies(methods: list[str], budgets: list[float], eng: dict[str, Any]
+             ) -> list[tuple[str, str, KvPolicy | bool, float]]:
+    """``(row name, artifact, kv_policy, budget)`` for every row: each artifact's own options, at each budget."""
     rows: list[tuple[str, str, KvPolicy | bool, float]] = []
     if "full" in methods:
         rows.append(("full", "snapkv", False, 1.0))
     for method in methods:
         if method == "full":
             continue
+        art = "h2o" if method == "h2o" else "snapkv"
+        own = with_budget(eng[art][0].manifest["backend"]["kv_policy"], method=method)
         for b in budgets:
-            rows.append((f"{method} {b:g}", "h2o" if method == "h2o" else "snapkv", KvPolicy(method, budget=b), b))
+            rows.append((f"{method} {b:g}", art, dataclasses.replace(own, budget=b), b))
     return rows
 
 
@@ -115,12 +121,12 @@ def prefill(engine: Any, ids: torch.Tensor) -> tuple[tuple[torch.Tensor, Any], f
 
 
 def measure(contexts: list[int], methods: list[str], budgets: list[float], continuation: int, new_tokens: int,
-            depths: list[float]) -> list[dict[str, Any]]:
-    eng = engines()
+            depths: list[float], snapkv: str = SPECS["snapkv"]) -> list[dict[str, Any]]:
+    eng = engines(snapkv)
     tok = eng["snapkv"][0].tokenizer
     weights = int(eng["snapkv"][0].manifest["decode_weight_bytes"])
     kv_token = eng["snapkv"][0].spec.kv_bytes_per_token(4)
-    rows_spec = policies(methods, budgets)
+    rows_spec = policies(methods, budgets, eng)
     rows: list[dict[str, Any]] = []
     for n in contexts:
         texts = {k: v.reshape(1, -1) for k, v in held_out_texts(tok, n + continuation).items()}
@@ -278,6 +284,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(OUT / "token_sparsification.json"))
     ap.add_argument("--generate", type=int, default=0)
     ap.add_argument("--rows", default="h2o")
+    ap.add_argument("--snapkv", default=SPECS["snapkv"], help="the snapkv artifact's pass (another window/pooling)")
     ap.add_argument("--encoder", action="store_true")
     ap.add_argument("--lengths", default="128,512")
     ap.add_argument("--merges", default="128:4,8,12,16;512:16,32,48,64")
@@ -299,7 +306,7 @@ def main() -> None:
         return
     rows = measure([int(c) for c in args.contexts.split(",")], args.methods.split(","),
                    [float(b) for b in args.budgets.split(",")], args.continuation, args.new_tokens,
-                   [float(d) for d in args.depths.split(",")])
+                   [float(d) for d in args.depths.split(",")], args.snapkv)
     with open(args.json, "w") as f:
         json.dump({"machine": machine(), "rows": rows}, f, indent=1)
     print(f"\n{machine()}\n")
