@@ -109,6 +109,18 @@ def clone_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
+def descendants(node: fx.Node) -> list[fx.Node]:
+    """Every node that depends on ``node`` (itself excluded)."""
+    seen: dict[fx.Node, None] = {}
+    todo = [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen[user] = None
+                todo.append(user)
+    return list(seen)
+
+
 def ancestors(nodes: Iterable[fx.Node], stop: Callable[[fx.Node], bool] | None = None) -> set[fx.Node]:
     """All nodes the given nodes depend on (themselves included); ``stop`` nodes are not expanded."""
     seen: set[fx.Node] = set()

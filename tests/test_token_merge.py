@@ -84,8 +84,7 @@ def test_proportional_attention_is_attention_over_repeated_keys() -> None:
 
 
 def test_unmerge_mean_pool_is_the_size_weighted_mean() -> None:
-    g = torch.Generator().manual_seed(2)
-    x, keys = torch.randn(1, 16, 4, generator=g), torch.randn(1, 2, 16, 3, generator=g)
+    x = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(2))
     sizes, origin = merging.initial_state(torch.ones(1, 16, dtype=torch.int64))
     for _ in range(2):
         x, sizes, origin = merging.bipartite_merge(x, x, sizes, origin, r=4)

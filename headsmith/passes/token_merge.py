@@ -39,6 +39,7 @@ from torch import fx
 
 from .. import merging
 from ..errors import PassError
+from ..fxutil import descendants
 from ..merging import MergeSchedule
 from ..program import Program
 from ..sites import attention_by_layer
@@ -166,8 +167,8 @@ def _rewrite(gm: fx.GraphModule, schedule: MergeSchedule, att: dict[int, list[fx
             key_mask = graph.call_function(operator.getitem, (bias, 0))
         with graph.inserting_after(key_mask):
             key_bias = graph.call_function(operator.getitem, (bias, 1))
-        h.replace_all_uses_with(x, delete_user_cb=lambda u: u not in (merged, metric))
-        later = _descendants(x)
+        h.replace_all_uses_with(x, delete_user_cb=lambda u, own=(merged, metric): u not in own)
+        later = descendants(x)
         for node in later:  # shapes built from the old length now use the merged one
             for old in seq_lengths.intersection(node.all_input_nodes):
                 node.replace_input_with(old, n_tokens)
@@ -195,15 +196,3 @@ def _length_nodes(graph: fx.Graph, inputs: list[fx.Node]) -> set[fx.Node]:
     symbols = {str(n.meta["val"]) for n in nodes if isinstance(n.meta.get("val"), torch.SymInt)}
     return nodes | {n for n in graph.nodes if isinstance(n.meta.get("val"), torch.SymInt)
                     and str(n.meta["val"]) in symbols}
-
-
-def _descendants(node: fx.Node) -> list[fx.Node]:
-    seen: dict[fx.Node, None] = {}
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in seen:
-                seen[u] = None
-                todo.append(u)
-    return list(seen)

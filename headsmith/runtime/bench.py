@@ -196,12 +196,13 @@ def run_encoder_bench(engine: Engine, tokenizer: Any, contexts: list[int], hf_mo
         ids = prompt_tokens(tokenizer, c * batch, engine.info.vocab_size).reshape(batch, c)
         mask = torch.ones_like(ids)
         pos = torch.arange(c).expand(batch, -1).contiguous()
+        inputs = (ids, mask, pos)
         row: dict[str, Any] = {"context": c, "batch": batch,
-                               "sentences_s": batch / _best(lambda: engine.forward(ids, mask, pos), repeats)}
+                               "sentences_s": batch / _best(lambda x=inputs: engine.forward(*x), repeats)}
         if hf_model is not None:
-            def hf() -> None:
+            def hf(x: tuple[torch.Tensor, ...] = inputs) -> None:
                 with torch.no_grad():
-                    hf_model(input_ids=ids, attention_mask=mask, position_ids=pos)
+                    hf_model(input_ids=x[0], attention_mask=x[1], position_ids=x[2])
             row["hf_sentences_s"] = batch / _best(hf, repeats)
             row["ratio_vs_hf"] = row["sentences_s"] / row["hf_sentences_s"]
         rows.append(row)
