@@ -54,6 +54,9 @@ class KvPolicy:
     """h2o: the most recent tokens, always kept."""
     seed: int = 0
     """random: the draw."""
+    keep: int = 0
+    """snapkv, random: the last prompt tokens always kept (0: the whole observation window); fewer than the window
+    lets a long window score the keys without taking that much of the budget."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +65,9 @@ class KvPolicy:
             raise ValueError(f"budget is the fraction of the prompt's KV kept, in (0, 1]; got {self.budget}")
         if self.tokens < 0 or self.window < 1 or self.recent < 0:
             raise ValueError("tokens must be >= 0 (0: use budget), window >= 1, recent >= 0")
+        if not 0 <= self.keep <= self.window:
+            raise ValueError(f"keep is how many of the window's {self.window} tokens are always kept, in "
+                             f"[0, window] (0: all); got {self.keep}")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel is an odd number of positions >= 1, got {self.kernel}")
         if self.pool not in POOLS:
@@ -72,8 +78,9 @@ class KvPolicy:
 
     @property
     def protected(self) -> int:
-        """Tokens kept whatever their scores: h2o's recent tokens, the others' observation window."""
-        return self.recent if self.method == "h2o" else self.window
+        """Tokens kept whatever their scores: h2o's recent tokens, the others' observation window (or its last
+        ``keep``)."""
+        return self.recent if self.method == "h2o" else (self.keep or self.window)
 
     @property
     def decode_scores(self) -> bool:

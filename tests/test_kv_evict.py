@@ -85,8 +85,8 @@ def reference_scores(q: np.ndarray, k: np.ndarray, valid: np.ndarray, window: in
 
 
 def reference_keep(scores: np.ndarray, valid: np.ndarray, keep: int, window: int, kernel: int) -> list[list[set]]:
-    """Per row and head the kept token indices: the window, then the top pooled prefix scores (avg pooling with
-    zero padding, as ``avg_pool1d``)."""
+    """Per row and head the kept token indices: the last ``window`` tokens, then the top pooled prefix scores (avg
+    pooling with zero padding, as ``avg_pool1d``)."""
     b, g, s = scores.shape
     out = []
     for row in range(b):
@@ -114,8 +114,10 @@ def test_a_budget_that_holds_the_prompt_is_the_full_cache(arch: str, method: str
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_snapkv_keeps_what_the_numpy_reference_selects(arch: str) -> None:
-    program = evicting(arch, "kv-evict(method=snapkv, budget=0.5, window=4, kernel=3, pool=avg)")
+@pytest.mark.parametrize("forced", [0, 2])
+def test_snapkv_keeps_what_the_numpy_reference_selects(arch: str, forced: int) -> None:
+    """``forced``: ``keep``, the window's last tokens always kept (0: all 4 of the window's)."""
+    program = evicting(arch, f"kv-evict(method=snapkv, budget=0.5, window=4, kernel=3, pool=avg, keep={forced})")
     engine = TorchEngine.from_program(program)
     ids, mask, pos = prompt_inputs()
     recorder = Recorder(engine.prefill_fn)
@@ -131,7 +133,7 @@ def test_snapkv_keeps_what_the_numpy_reference_selects(arch: str) -> None:
     assert bool(new_mask.all()) == (int(mask[1].sum()) >= keep)
     for layer, q, k, _v, _ in recorder.seen:
         scores = reference_scores(q.double().numpy(), k.double().numpy(), valid, 4)
-        kept = reference_keep(scores, valid, keep, 4, 3)
+        kept = reference_keep(scores, valid, keep, forced or 4, 3)
         key = next(i for i, e in enumerate(engine.cache_layout) if e["layer"] == layer and e["slot"] == "key")
         for row in range(2):
             for h in range(k.shape[1]):
@@ -255,6 +257,7 @@ def test_speculative_decoding_on_a_compacted_cache_is_plain_greedy_on_it() -> No
     ("kv-evict(method=lru)", "unknown kv-evict method"),
     ("kv-evict(kernel=4)", "odd"),
     ("kv-evict(tokens=8, window=32)", "must exceed"),
+    ("kv-evict(window=8, keep=9)", "keep is how many"),
 ])
 def test_bad_options_are_refused(spec: str, match: str) -> None:
     with pytest.raises(HeadsmithError, match=match):

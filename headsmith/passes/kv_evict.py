@@ -66,13 +66,15 @@ class KvEvict(Pass):
     """h2o: the most recent tokens, always kept."""
     seed: int = 0
     """random: the draw."""
+    keep: int = 0
+    """snapkv, random: the last prompt tokens always kept (0: the whole window)."""
 
     def __post_init__(self) -> None:
         self.policy()  # checks the options
 
     def policy(self) -> KvPolicy:
         return KvPolicy(self.method, self.budget, self.tokens, self.window, self.kernel, self.pool, self.recent,
-                        self.seed)
+                        self.seed, self.keep)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         if program.info.task != "causal-lm":
