@@ -51,7 +51,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class TokenMerge(Pass):
-    """ToMe for encoders: bipartite soft matching on keys, size-weighted merges, proportional attention."""
+    """ToMe for encoders: bipartite soft matching, size-weighted merges, proportional attention."""
 
     name: ClassVar[str] = "token-merge"
     exact: ClassVar[bool] = False
