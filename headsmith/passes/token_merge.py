@@ -5,11 +5,12 @@ Token Merging (Bolya et al., ICLR 2023) makes a transformer shorter layer by lay
 layer's attention and its MLP, ``r`` tokens are averaged into the tokens they resemble most, found by bipartite
 soft matching (:mod:`headsmith.merging`). ToMe measures resemblance by the cosine of the attention's keys (averaged
 over heads; ``metric=keys``); the default here is the hidden states being merged (``metric=hidden``): on
-MiniLM-L6 at 512 tokens it keeps the sentence embedding far closer at the same ``r`` (mean cosine 0.997 against
-0.970 at r=32, docs/token_sparsification.md), since averaging two near-equal states is what loses least. A merged token carries its size, the number of input tokens it stands for: the merge
-is a size-weighted average, and the attention after it is *proportional* (``log size`` added to its keys'
-logits), so a token of size 3 draws the attention three tokens would. Every later layer runs on ``T - r`` fewer
-tokens per merge; attention's cost falls quadratically. A post-norm (BERT) layer with a merge::
+MiniLM-L6 at 512 tokens it keeps the sentence embedding far closer at the same ``r`` (mean cosine 0.992 against
+0.965 at r=32, docs/token_sparsification.md), since averaging two near-equal states is what loses least. A merged
+token carries its size, the number of input tokens it stands for: the merge is a size-weighted average, and the
+attention after it is *proportional* (``log size`` added to its keys' logits), so a token of size 3 draws the
+attention three tokens would. Every later layer runs on ``r`` fewer tokens per merge; attention's cost falls
+quadratically. A post-norm (BERT) layer with a merge::
 
     h = layer_norm(x + attn(x, mask))                     h = layer_norm(x + attn(x, mask, key_bias=log s))
     y = layer_norm(h + mlp(h))                    ->      h, s, origin = bipartite_merge(h, h, s, origin, r)
