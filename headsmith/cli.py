@@ -14,52 +14,17 @@ User errors print ``error: <what is wrong>`` and a ``hint:`` line on stderr and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .cli_common import STATE, KvBudget, KvMethod, KvOff, KvTokens, _artifact, _progress, app, err, out, status
 from .errors import HeadsmithError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Capture pretrained transformers as FX graphs, rewrite their attention, lower to engines.")
-out = Console()
-err = Console(stderr=True)
-STATE: dict[str, bool] = {"debug": False}
-
-
-@app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of wrapped errors.")] = False) -> None:
-    STATE["debug"] = debug
-
-
-@contextmanager
-def status(text: str, quiet: bool = False):  # noqa: ANN201
-    """A spinner for steps that may take more than a second (stderr, so --json output stays clean)."""
-    if quiet or not err.is_terminal:
-        start = time.perf_counter()
-        yield
-        if not quiet:
-            err.print(f"{text} done in {time.perf_counter() - start:.1f}s")
-        return
-    start = time.perf_counter()
-    with err.status(text):
-        yield
-    err.print(f"[green]✓[/green] {text} ({time.perf_counter() - start:.1f}s)")
-
-
-def _progress(quiet: bool):  # noqa: ANN202
-    if quiet:
-        return None
-    return lambda message: err.print(f"  {message}", highlight=False)
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -304,33 +269,7 @@ def _print_reports(reports: tuple[dict[str, Any], ...]) -> None:
     out.print(table)
 
 
-# ---- run / eval / bench ------------------------------------------------------------------------------
-def _artifact(path: Path) -> Any:
-    from .backends.artifact import read_artifact
-    return read_artifact(path)
-
-
-def _source_model(artifact: Any, quiet: bool) -> Any:
-    """The artifact's source as an HF model, or None (with a note) when it cannot be loaded here."""
-    from .frontend.load import load_hf
-    source = artifact.source.name if artifact.source.kind == "builtin" else artifact.source.path
-    try:
-        with status(f"loading the source model {source} for comparison", quiet=quiet):
-            return load_hf(source, install=False).model
-    except HeadsmithError as e:
-        err.print(f"note: source model not available ({e.message}); skipping comparisons", highlight=False)
-        return None
-
-
-KvBudget = Annotated[float | None, typer.Option("--kv-budget", help="kv-evict artifacts: the fraction of the prompt's "
-                                                                     "KV kept, instead of the converted one.")]
-KvMethod = Annotated[str | None, typer.Option("--kv-method", help="kv-evict artifacts: snapkv, random (or h2o, if "
-                                                                   "converted with it), instead of the converted one.")]
-KvTokens = Annotated[int | None, typer.Option("--kv-tokens", help="kv-evict artifacts: a fixed number of cached "
-                                                                   "tokens instead of a fraction.")]
-KvOff = Annotated[bool, typer.Option("--no-kv-evict", help="kv-evict artifacts: keep the full cache.")]
-
-
+# ---- run ---------------------------------------------------------------------------------------------
 @app.command()
 def run(
     artifact_dir: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="Output directory of `convert`.")],
@@ -392,233 +331,9 @@ def run(
                   f"evicted while decoding, {kv['held']} held at the end", highlight=False)
 
 
-@app.command("eval")
-def eval_cmd(
-    artifact_dir: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="Output directory of `convert`.")],
-    text: Annotated[Path | None, typer.Option("--text", help="Text file (default: the bundled held-out text).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens of the text to score.")] = 4096,
-    window: Annotated[int, typer.Option("--window", help="Sliding-window length.")] = 1024,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Compare with the source model.")] = True,
-    passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval per context and depth instead.")] = False,
-    contexts: Annotated[str, typer.Option("--contexts", help="--passkey: context lengths, comma-separated.")] = "2048,4096",
-    depths: Annotated[str, typer.Option("--depths", help="--passkey: key depths in [0, 1], comma-separated.")] = "0,0.25,0.5,0.75,1",
-    trials: Annotated[int, typer.Option("--trials", help="--passkey: keys per context and depth.")] = 1,
-    continuation: Annotated[int, typer.Option("--continuation", help="Perplexity of the last N of --max-tokens "
-                                                                     "tokens after the rest was prefilled (and its "
-                                                                     "cache evicted, kv-evict artifacts).")] = 0,
-    kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
-) -> None:
-    """Perplexity on a text (KL / top-1 agreement with the source when it can be loaded); encoders: embedding
-    cosine; ``--passkey``: passkey retrieval accuracy at each context and depth; ``--continuation N``: perplexity
-    of a text's last N tokens after a (compressed) prompt, beside the full cache's."""
-    from .corpus import EVAL_TEXT, read_text, tokenize
-    from .eval.metrics import embedding_similarity, hf_forward, perplexity, sentences
-    from .runtime.engine import engine_for
-    from .runtime.eviction import policy_option
-
-    art = _artifact(artifact_dir)
-    if art.tokenizer is None:
-        raise HeadsmithError(f"artifact {artifact_dir} has no tokenizer", "convert a model that ships one")
-    engine = engine_for(art)
-    policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
-    if passkey:
-        _passkey(art, engine, contexts, depths, trials, as_json, policy)
-        return
-    body = read_text(text, EVAL_TEXT)
-    if continuation:
-        _continuation(art, engine, tokenize(art.tokenizer, body, max_tokens)[None], continuation, policy, as_json)
-        return
-    source = _source_model(art, as_json) if compare else None
-    ref = hf_forward(source, art.info.task) if source is not None else None
-    with status("evaluating", quiet=as_json):
-        if art.info.task == "encoder":
-            texts = sentences(body, max(8, max_tokens // 32))
-            result: dict[str, Any] = {"perplexity": None, "tokens": 0}
-            if ref is not None:
-                merged = art.manifest["backend"].get("token_merge") or {}  # a merged encoder runs at one length
-                result.update(embedding_similarity(engine.forward, ref, art.tokenizer, texts,
-                                                   max_length=min(256, merged.get("length", 256))))
-        else:
-            ids = tokenize(art.tokenizer, body, max_tokens)
-            win = min(window, art.info.max_positions or window)
-            result = perplexity(engine.forward, ids, window=win, reference=ref)
-    result["backend"] = engine.name
-    result["text"] = str(text or EVAL_TEXT.name)
-    if as_json:
-        out.print_json(json.dumps(result))
-        return
-    for key, value in result.items():
-        out.print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}", highlight=False)
-
-
-def _continuation(art: Any, engine: Any, ids: Any, n: int, policy: Any, as_json: bool) -> None:
-    from .runtime.eviction import continuation_perplexity
-
-    if art.info.task != "causal-lm" or not 0 < n < ids.shape[1]:
-        raise HeadsmithError(f"--continuation needs a causal LM and 0 < N < the {ids.shape[1]} tokens of the text",
-                             "lower --continuation or raise --max-tokens")
-    with status("continuation perplexity", quiet=as_json):
-        result: dict[str, Any] = {"prompt": int(ids.shape[1] - n), "backend": engine.name,
-                                  "policy": continuation_perplexity(engine, ids, ids.shape[1] - n, policy)}
-        if getattr(engine, "kv_policy", None) and policy is not False:
-            result["full_cache"] = continuation_perplexity(engine, ids, ids.shape[1] - n, False)
-    if as_json:
-        out.print_json(json.dumps(result))
-        return
-    for key in ("policy", "full_cache"):
-        if key in result:
-            r = result[key]
-            out.print(f"{key:>10}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens after "
-                      f"{result['prompt']}, {r['held']} tokens held", highlight=False)
-
-
-def _passkey(art: Any, engine: Any, contexts: str, depths: str, trials: int, as_json: bool, policy: Any = None
-             ) -> None:
-    from .eval.passkey import passkey
-    from .runtime.generate import GenerationConfig, generate
-
-    if art.info.task != "causal-lm":
-        raise HeadsmithError(f"{art.info.architecture} is an encoder: passkey retrieval needs a causal LM")
-    try:
-        ns = [int(c) for c in contexts.split(",")]
-        ds = [float(d) for d in depths.split(",")]
-    except ValueError:
-        raise HeadsmithError(f"cannot parse --contexts {contexts!r} / --depths {depths!r}",
-                             "give comma-separated numbers: --contexts 2048,4096 --depths 0,0.5,1") from None
-    limit = art.info.max_positions
-    if limit is not None and max(ns) > limit:
-        raise HeadsmithError(f"context {max(ns)} exceeds the model's {limit} positions", f"use contexts <= {limit}")
-    config = GenerationConfig(stop_tokens=())
-
-    def run(prompt: list[int], n: int) -> list[int]:
-        return generate(engine, [prompt], dataclasses.replace(config, max_new_tokens=n), kv_policy=policy).tokens[0]
-
-    with status("passkey retrieval", quiet=as_json):
-        result = passkey(run, art.tokenizer, ns, ds, trials)
-    result["backend"] = engine.name
-    if as_json:
-        out.print_json(json.dumps(result))
-        return
-    table = Table(title=f"passkey retrieval ({engine.name}, {trials} key(s) per cell)")
-    table.add_column("context", justify="right")
-    for d in ds:
-        table.add_column(f"depth {d:g}", justify="right")
-    table.add_column("mean", justify="right")
-    for n, row in result["contexts"].items():
-        table.add_row(n, *[f"{v:.2f}" for v in row["depths"].values()], f"{row['mean']:.2f}")
-    out.print(table)
-
-
-@app.command()
-def bench(
-    artifact_dir: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="Output directory of `convert`.")],
-    contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated context lengths.")] = "128,512,2048",
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Decode steps timed per context.")] = 32,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
-    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also time HF transformers.")] = True,
-    draft: Annotated[str | None, typer.Option("--draft", help="Also time speculative decoding with this draft (stored "
-                                                             "in the artifact, ngram or auto) against plain "
-                                                             "decoding.")] = None,
-    k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adaptive).")] = 4,
-    kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
-) -> None:
-    """Prefill/decode tokens/s per context, KV bytes/token, peak RSS, vs HF transformers and the bandwidth bound."""
-    from .runtime.bench import plot, run_bench
-    from .runtime.engine import engine_for
-    from .runtime.eviction import policy_option
-
-    try:
-        ctx_list = [int(c) for c in contexts.split(",") if c.strip()]
-    except ValueError:
-        raise HeadsmithError(f"--contexts must be comma-separated integers, got {contexts!r}") from None
-    if not ctx_list or min(ctx_list) < 1:
-        raise HeadsmithError(f"--contexts needs positive lengths, got {contexts!r}")
-    if draft is not None and k < 1:
-        raise HeadsmithError(f"--k must be >= 1, got {k}")
-    art = _artifact(artifact_dir)
-    if art.info.task != "causal-lm":
-        _bench_encoder(art, ctx_list, as_json, compare)
-        return
-    engine = engine_for(art)
-    policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
-    if draft is not None:  # a bad draft fails now, not after minutes of timing
-        from .runtime.speculative import draft_for
-        draft_for(draft, engine)
-    limit = art.info.max_positions
-    if limit is not None and max(ctx_list) + new_tokens + 2 > limit:
-        raise HeadsmithError(f"context {max(ctx_list)} + {new_tokens} new tokens exceeds the model's {limit} positions")
-    source = _source_model(art, as_json) if compare else None
-    kv = art.spec.kv_bytes_per_token(4)
-    with status("benchmarking", quiet=as_json):
-        result = run_bench(engine, art.tokenizer, ctx_list, new_tokens, int(art.manifest["decode_weight_bytes"]), kv,
-                           source, progress=None if as_json else _progress(False), draft=draft, k=k,
-                           kv_policy=policy)
-    if plot_path is not None:
-        plot(result, str(plot_path))
-    if as_json:
-        out.print_json(json.dumps(result))
-        return
-    print_bench(result)
-
-
-def _bench_encoder(art: Any, contexts: list[int], as_json: bool, compare: bool) -> None:
-    from .runtime.bench import run_encoder_bench
-    from .runtime.engine import engine_for
-
-    limit = (art.manifest["backend"].get("token_merge") or {}).get("length") or art.info.max_positions
-    if limit is not None and max(contexts) > limit:
-        raise HeadsmithError(f"context {max(contexts)} exceeds the {limit} tokens this encoder runs at",
-                             "give --contexts up to that length")
-    source = _source_model(art, as_json) if compare else None
-    with status("benchmarking", quiet=as_json):
-        result = run_encoder_bench(engine_for(art), art.tokenizer, contexts, source)
-    if as_json:
-        out.print_json(json.dumps(result))
-        return
-    table = Table(title=f"encoder benchmark ({result['backend']}, {result['threads']} threads, batches of 8)")
-    for c in ("tokens", "sentences/s", "HF sentences/s", "ratio vs HF"):
-        table.add_column(c, justify="right")
-    for r in result["contexts"]:
-        table.add_row(str(r["context"]), f"{r['sentences_s']:.1f}", f"{r.get('hf_sentences_s', float('nan')):.1f}",
-                      f"{r.get('ratio_vs_hf', float('nan')):.2f}x")
-    out.print(table)
-
-
-def print_bench(result: dict[str, Any]) -> None:
-    table = Table(title=f"decode benchmark ({result['backend']}, {result['threads']} threads, "
-                        f"{result['bandwidth_gb_s']:.1f} GB/s measured read bandwidth)")
-    cols = ["context", "prefill tok/s", "decode tok/s", "bound tok/s", "of bound"]
-    has_hf = bool(result["contexts"]) and "hf_decode_tok_s" in result["contexts"][0]
-    if has_hf:
-        cols += ["HF prefill tok/s", "HF decode tok/s", "HF of bound", "ratio vs HF"]
-    for c in cols:
-        table.add_column(c, justify="right")
-    for r in result["contexts"]:
-        held = r.get("kv_tokens_held", r["context"])
-        context = str(r["context"]) if held == r["context"] else f"{r['context']} ({held} held)"
-        row = [context, f"{r['prefill_tok_s']:.0f}", f"{r.get('step_decode_tok_s', r['decode_tok_s']):.1f}",
-               f"{r['bound_tok_s']:.1f}",
-               f"{r['fraction_of_bound']:.0%}"]
-        if has_hf:
-            row += [f"{r['hf_prefill_tok_s']:.0f}", f"{r['hf_decode_tok_s']:.1f}", f"{r['hf_fraction_of_bound']:.0%}",
-                    f"{r['ratio_vs_hf']:.2f}x"]
-        table.add_row(*row)
-    out.print(table)
-    if result.get("draft"):
-        spec = Table(title=f"speculative decoding, draft {result['draft']} (greedy generate, {result['new_tokens']} "
-                           "tokens)")
-        for c in ("context", "plain tok/s", "speculative tok/s", "speed-up", "acceptance", "accepted/step",
-                  "= plain"):
-            spec.add_column(c, justify="right")
-        for r in result["contexts"]:
-            spec.add_row(str(r["context"]), f"{r['plain_decode_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
-                         f"{r['speedup']:.2f}x", f"{r['acceptance']:.0%}", f"{r['mean_accepted']:.2f}",
-                         "yes" if r["lossless"] else "NO")
-        out.print(spec)
-    out.print(f"weights read per token {result['weight_bytes'] / 1e6:.1f} MB, KV cache {result['kv_bytes_per_token']:,} "
-              f"bytes/token (fp32), peak RSS {result['peak_rss_mb']:.0f} MB", highlight=False)
+# eval and bench join the app after run (--help lists the commands in this order)
+from . import cli_eval  # noqa: F401, I001
+from . import cli_bench  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
