@@ -137,12 +137,7 @@ def _rewrite(gm: fx.GraphModule, schedule: MergeSchedule, att: dict[int, list[fx
         inputs = [graph.call_function(operator.getitem, (padded, i)) for i in range(3)]
     for old, value in zip((ids, pos, mask), inputs):
         old.replace_all_uses_with(value, delete_user_cb=lambda u: u not in (padded, length))
-    with graph.inserting_after(inputs[2]):
-        state = graph.call_function(merging.initial_state, (inputs[2],))
-    with graph.inserting_after(state):
-        sizes = graph.call_function(operator.getitem, (state, 0))
-    with graph.inserting_after(sizes):
-        origin = graph.call_function(operator.getitem, (state, 1))
+    _, sizes, origin = _call_after(graph, inputs[2], merging.initial_state, (inputs[2],), items=2)
     seq_lengths = _length_nodes(graph, inputs)
     count = 0
     for layer in sorted(merge_at):
@@ -151,23 +146,10 @@ def _rewrite(gm: fx.GraphModule, schedule: MergeSchedule, att: dict[int, list[fx
         if schedule.metric == "keys":
             with graph.inserting_after(h):
                 metric = graph.call_function(merging.key_metric, (att[layer][0].args[1],))
-        with graph.inserting_after(metric):
-            merged = graph.call_function(merging.bipartite_merge, (h, metric, sizes, origin, schedule.r,
-                                                                   schedule.protect))
-        with graph.inserting_after(merged):
-            x = graph.call_function(operator.getitem, (merged, 0))
-        with graph.inserting_after(x):
-            sizes = graph.call_function(operator.getitem, (merged, 1))
-        with graph.inserting_after(sizes):
-            origin = graph.call_function(operator.getitem, (merged, 2))
-        with graph.inserting_after(origin):
-            n_tokens = graph.call_function(aten.sym_size.int, (x, 1))
-        with graph.inserting_after(n_tokens):
-            bias = graph.call_function(merging.size_bias, (sizes,))
-        with graph.inserting_after(bias):
-            key_mask = graph.call_function(operator.getitem, (bias, 0))
-        with graph.inserting_after(key_mask):
-            key_bias = graph.call_function(operator.getitem, (bias, 1))
+        merged, x, sizes, origin = _call_after(graph, metric, merging.bipartite_merge,
+                                               (h, metric, sizes, origin, schedule.r, schedule.protect), items=3)
+        (n_tokens,) = _call_after(graph, origin, aten.sym_size.int, (x, 1))
+        _, key_mask, key_bias = _call_after(graph, n_tokens, merging.size_bias, (sizes,), items=2)
         h.replace_all_uses_with(x, delete_user_cb=lambda u, own=(merged, metric): u not in own)
         later = descendants(x)
         for node in later:  # shapes built from the old length now use the merged one
@@ -188,6 +170,18 @@ def _rewrite(gm: fx.GraphModule, schedule: MergeSchedule, att: dict[int, list[fx
     graph.lint()
     gm.recompile()
     return count
+
+
+def _call_after(graph: fx.Graph, anchor: fx.Node, target: object, args: tuple[object, ...], items: int = 0
+                ) -> list[fx.Node]:
+    """``target(*args)`` inserted after ``anchor``, followed by its first ``items`` tuple items:
+    ``[call, item0, item1, ...]`` in graph order."""
+    with graph.inserting_after(anchor):
+        nodes = [graph.call_function(target, args)]  # type: ignore[arg-type]
+    for i in range(items):
+        with graph.inserting_after(nodes[-1]):
+            nodes.append(graph.call_function(operator.getitem, (nodes[0], i)))
+    return nodes
 
 
 def _length_nodes(graph: fx.Graph, inputs: list[fx.Node]) -> set[fx.Node]:
