@@ -10,6 +10,7 @@ A Program wraps
 - ``drafts``: speculative-decoding drafts derived from it (``passes/draft.py``), lowered beside it;
 - ``kv_policy``: how its decode cache evicts tokens (``passes/kv_evict.py``), if at all.
 - ``token_merge``: where an encoder merges tokens (``passes/token_merge.py``), if at all.
+- ``prefill_prune``: where a causal LM's prefill stops computing prompt tokens (``passes/prefill_prune.py``).
 
 Programs are values: a pass returns a new Program and leaves its input as it was (weights are shared
 until a pass replaces one). ``spec()`` derives the per-layer :class:`ModelSpec` from the graph itself.
@@ -31,6 +32,7 @@ from .kv_policy import KvPolicy
 from .merging import MergeSchedule
 from .qweights import is_quantized_weight_use, packed_args
 from .sites import AttentionSite, SiteError, attention_nodes, find_sites
+from .token_pruning import PrunePlan
 
 if TYPE_CHECKING:
     from .passes.base import Pass, PassContext
@@ -161,6 +163,9 @@ class Program:
     token_merge: MergeSchedule | None = None
     """Token merging (``token-merge``, :mod:`headsmith.merging`): exported graphs take an even length of at least
     ``min_tokens``, which engines pad their inputs to."""
+    prefill_prune: PrunePlan | None = None
+    """Progressive prompt-token pruning (``prefill-prune``, :mod:`headsmith.token_pruning`): the prefill runs as
+    stages, each on the prompt tokens the previous one ranked highest; later layers cache only those."""
     _shapes: dict[fx.Node, tuple[int, ...]] | None = field(default=None, repr=False)
 
     # ---- running -------------------------------------------------------------------------------

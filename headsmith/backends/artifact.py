@@ -221,6 +221,9 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
     if program.tokenizer is not None:
         program.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     backend_info: dict[str, Any] = {"name": "torch", "program": "program.pt2"}
+    if backend == "torch" and program.prefill_prune is not None:
+        raise BackendError("prefill-prune is not built for the torch backend's exported programs yet (the eager "
+                           "engine of a Program runs it)", "convert with --backend onnx")
     if backend == "torch" and program.info.task == "causal-lm":
         _say(progress, "exporting prefill.pt2 and decode.pt2 (KV cache as inputs/outputs)")
         backend_info.update(prefill="prefill.pt2", decode="decode.pt2",

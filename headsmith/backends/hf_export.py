@@ -59,6 +59,9 @@ def export_config(program: Program) -> dict[str, Any]:
     if program.token_merge is not None:
         raise BackendError("the program merges tokens (token-merge), which no Hugging Face config describes",
                            "export with --backend onnx or torch instead")
+    if program.prefill_prune is not None:
+        raise BackendError("prefill-prune runs in the engine's staged prefill, which a Hugging Face checkpoint "
+                           "cannot carry", "export without --export hf, or drop prefill-prune")
     if any(layer.latent for layer in spec.layers):
         raise BackendError("the program has latent (MLA) attention, which its source architecture "
                            f"({program.info.architecture}) cannot express", "export with --backend instead")

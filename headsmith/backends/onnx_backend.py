@@ -228,12 +228,41 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
         drafts[d.name] = record
     if drafts:
         extra["drafts"] = drafts
+    if program.prefill_prune is not None:
+        extra["prefill_prune"] = _export_stages(program, directory, (ids, pos, mask), batch, seq, variant,
+                                                accuracy_level, progress)
+        names += [st["graph"] for st in extra["prefill_prune"]["stages"]]
     for name in names:
         onnx.checker.check_model(str(directory / name), full_check=False)
     opset = FUSED_OPSET if variant == "fused" else OPSET
     return {"name": "onnx", "attention": variant, "opset": opset, "gqa_layers": gqa_layers, "kv_in_place": in_place,
             **quantized, "prefill": "prefill.onnx", "decode": "decode.onnx", **extra, "cache": layout_dict(entries),
             **policy}
+
+
+def _export_stages(program: Program, directory: Path, example: tuple[Tensor, ...], batch: Any, seq: Any,
+                   variant: str, accuracy_level: int, progress: Any) -> dict[str, Any]:
+    """``prefill_stage{s}.onnx`` for a ``prefill-prune`` plan (``passes/prefill_stages.py``; weights stored once, in
+    ``prefill.onnx``'s data) and the manifest's ``prefill_prune`` record."""
+    from ..passes.prefill_stages import prefill_stages
+
+    assert program.prefill_prune is not None
+    stages, _ = prefill_stages(program)
+    ids, pos, mask = example
+    inputs: tuple[Tensor, ...] = (ids, pos, mask)
+    records = []
+    for s, st in enumerate(stages):
+        file = f"prefill_stage{s}.onnx"
+        _say(progress, f"exporting {file} (pruned prefill)")
+        export_graph(st.gm, inputs, ({0: batch, 1: seq},) * 3, directory / file, st.inputs, st.outputs, variant,
+                     accuracy_level=accuracy_level)
+        share_weights(directory / "prefill.onnx", directory / file)
+        records.append({"graph": file, "entries": st.entries, "inputs": st.inputs, "outputs": st.outputs,
+                        "score_layer": st.score_layer})
+        if s + 1 < len(stages):
+            with torch.no_grad():
+                inputs = (st.gm(*inputs)[0].contiguous(), pos, mask)  # the next stage traces on this one's stream
+    return {**program.prefill_prune.to_dict(), "stages": records}
 
 
 def _gqa_presents(path: Path) -> tuple[int, bool]:

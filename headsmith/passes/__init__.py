@@ -18,6 +18,7 @@ from .gqa import Gqa
 from .heal import Heal
 from .kv_evict import KvEvict
 from .mla import Mla
+from .prefill_prune import PrefillPrune
 from .prune_heads import PruneHeads
 from .prune_layers import PruneLayers
 from .prune_mlp import PruneMlp
@@ -28,7 +29,8 @@ from .spec import build, parse_spec
 from .token_merge import TokenMerge
 
 ALL_PASSES: tuple[type[Pass], ...] = (Canonicalize, Dce, RaiseAttention, Draft, Gqa, Heal, KvEvict, Mla,
-                                      PruneHeads, PruneLayers, PruneMlp, Quantize, SparseAttention, TokenMerge)
+                                      PrefillPrune, PruneHeads, PruneLayers, PruneMlp, Quantize, SparseAttention,
+                                      TokenMerge)
 REGISTRY: dict[str, type[Pass]] = {p.name: p for p in ALL_PASSES}
 ENTRY_POINT_GROUP = "headsmith.passes"
 _plugins_loaded = False

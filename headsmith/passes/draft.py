@@ -106,6 +106,9 @@ class Draft(Pass):
         if program.info.task != "causal-lm":
             raise PassError(f"a draft speculates tokens for a causal LM; {program.info.architecture} is an encoder",
                             "drop draft(...) from the passes")
+        if program.prefill_prune is not None:
+            raise PassError("prefill-prune is not built with speculative drafts (their layers would need the stage "
+                            "key masks)", "drop draft(...), or prefill-prune")
         label = self.label or self.method
         if any(d.name == label for d in program.drafts):
             raise PassError(f"the program already has a draft named {label!r}", "give this one label=NAME")

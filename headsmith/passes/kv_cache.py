@@ -49,6 +49,7 @@ from ..fxutil import clone_module, erase_dead, is_call
 from ..program import Program
 from ..qweights import LINEAR_Q
 from ..sites import ATTENTION, attention_by_layer, attention_nodes
+from ..token_pruning import PrunePlan
 
 aten = torch.ops.aten
 KEY_SCORES = torch.ops.headsmith.key_scores.default
@@ -89,11 +90,17 @@ class CacheEntry:
     the window is applied by the mask."""
     group: int = 0
     """The head group within the layer (a layer split by a per-head pattern caches each group apart)."""
+    stage: int = 0
+    """The pruned prefill stage of its layer (``prefill-prune``): 0 caches every prompt token, stage ``s`` only
+    those that reached it."""
 
     @property
-    def ring_mask(self) -> str:
-        """The decode graph's key-mask input for this entry's layer (ring entries only)."""
-        return ring_mask_name(self.sinks, self.window)
+    def key_mask(self) -> str:
+        """The decode graph's own key-mask input for this entry's layer: a ring's, or a pruned prefill stage's;
+        ``""``: the layer reads ``attention_mask``."""
+        if self.capacity > 0:
+            return ring_mask_name(self.sinks, self.window)
+        return stage_mask_name(self.stage) if self.stage > 0 else ""
 
     def bytes_per_token(self, itemsize: int) -> int:
         n = 1
@@ -105,6 +112,10 @@ class CacheEntry:
 
 def ring_mask_name(sinks: int, window: int) -> str:
     return f"ring_mask_s{sinks}_w{window}"
+
+
+def stage_mask_name(stage: int) -> str:
+    return f"prune_mask_stage{stage}"
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,8 @@ def _pattern(att: fx.Node, ring: bool) -> tuple[int, int, int]:
     return window, sinks, capacity
 
 
-def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], ring: bool = False) -> list[CachePoint]:
+def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], ring: bool = False,
+            plan: PrunePlan | None = None) -> list[CachePoint]:
     points: list[CachePoint] = []
     marked = [n for n in gm.graph.nodes if is_call(n, CACHE_POINT)]
     marked_layers = {int(n.args[1]) for n in marked}  # type: ignore[arg-type]
@@ -131,7 +143,7 @@ def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], ring: bo
         shape[0], shape[seq_dim] = -1, -1
         pattern = _pattern(groups[layer][0], ring) if layer in groups else (0, 0, 0)
         points.append(CachePoint(n, CacheEntry(f"layer{layer}.slot{slot}", layer, f"slot{slot}", tuple(shape),
-                                               seq_dim, "float32", *pattern)))
+                                               seq_dim, "float32", *pattern, stage=_stage(plan, layer))))
     for layer, nodes in groups.items():
         if layer in marked_layers:
             continue
@@ -142,14 +154,19 @@ def _points(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]], ring: bo
                 shape = list(shapes[arg])
                 shape[0], shape[2] = -1, -1
                 points.append(CachePoint(arg, CacheEntry(f"{prefix}.{slot}", layer, slot, tuple(shape), 2, "float32",
-                                                         *_pattern(att, ring), group=group)))
+                                                         *_pattern(att, ring), group=group,
+                                                         stage=_stage(plan, layer))))
     points.sort(key=lambda p: (p.entry.layer, p.entry.group, p.entry.slot != "key", p.entry.slot))
     return points
 
 
+def _stage(plan: PrunePlan | None, layer: int) -> int:
+    return plan.stage_of(layer) if plan is not None else 0
+
+
 def cache_layout(program: Program, ring: bool = False) -> list[CacheEntry]:
     """The cache entries of ``program``'s decode graph, in input/output order."""
-    return [p.entry for p in _points(program.gm, program.shapes(), ring)]
+    return [p.entry for p in _points(program.gm, program.shapes(), ring, program.prefill_prune)]
 
 
 def _prepare(program: Program) -> tuple[fx.GraphModule, dict[str, fx.Node], dict[fx.Node, tuple[int, ...]]]:
@@ -203,7 +220,7 @@ def prefill_graph(program: Program, last_only: bool = True, ring: bool = False
     token, ring entries too (the runtime keeps the slots it needs).
     """
     gm, _, shapes = _prepare(program)
-    points = _points(gm, shapes, ring)
+    points = _points(gm, shapes, ring, program.prefill_prune)
     if last_only:
         _lm_head_last_position(gm, program.info.vocab_size)
     scores = _key_scores(gm, program, decode=False)
@@ -243,7 +260,7 @@ def decode_graph(program: Program, ring: bool = False, dense: bool = False
     """
     gm, inputs, shapes = _prepare(program)
     graph = gm.graph
-    points = _points(gm, shapes, ring)
+    points = _points(gm, shapes, ring, program.prefill_prune)
     last_input = list(inputs.values())[-1]
     presents: list[fx.Node] = []
     anchor = last_input
@@ -255,7 +272,7 @@ def decode_graph(program: Program, ring: bool = False, dense: bool = False
             cat = graph.call_function(aten.cat.default, ([past, p.node], p.entry.seq_dim))
         p.node.replace_all_uses_with(cat, delete_user_cb=lambda u, c=cat: u is not c)
         presents.append(cat)
-    _ring_masks(gm, [p.entry for p in points], anchor, dense)
+    _layer_masks(gm, [p.entry for p in points], anchor, dense)
     scores = _key_scores(gm, program, decode=True)
     return _finish(gm, presents + scores), [p.entry for p in points]
 
@@ -269,20 +286,21 @@ def _key_scores(gm: fx.GraphModule, program: Program, decode: bool) -> list[fx.N
         return []
     from .kv_evict import check_evictable
     check_evictable(program)  # a later pass may have added a window
-    graph = gm.graph
-    out = []
-    for _, nodes in sorted(attention_by_layer(graph).items()):
-        att = nodes[0]
-        q, k = att.args[0], att.args[1]
-        key_mask = att.args[3] if len(att.args) > 3 else att.kwargs.get("key_mask")
-        past = None
-        if decode and is_call(k, aten.cat.default) and getattr(k.args[0][0], "op", "") == "placeholder":  # type: ignore[union-attr, index]
-            past, k = k.args[0]  # type: ignore[union-attr, misc]
-        with graph.inserting_after(att):
-            out.append(graph.call_function(KEY_SCORES, (q, k, past, key_mask), {
-                "last": 0 if decode else policy.window, "scale": att.kwargs.get("scale", 0.0),
-                "softcap": att.kwargs.get("softcap", 0.0)}))
-    return out
+    return [key_score_node(gm.graph, nodes[0], 0 if decode else policy.window)
+            for _, nodes in sorted(attention_by_layer(gm.graph).items())]
+
+
+def key_score_node(graph: fx.Graph, att: fx.Node, last: int) -> fx.Node:
+    """``headsmith.key_scores`` of attention node ``att`` (inserted after it): its last ``last`` queries' attention
+    to every key, or (``last=0``) a decode step's queries over its past and new keys."""
+    q, k = att.args[0], att.args[1]
+    key_mask = att.args[3] if len(att.args) > 3 else att.kwargs.get("key_mask")
+    past = None
+    if last == 0 and is_call(k, aten.cat.default) and getattr(k.args[0][0], "op", "") == "placeholder":  # type: ignore[union-attr, index]
+        past, k = k.args[0]  # type: ignore[union-attr, misc]
+    with graph.inserting_after(att):
+        return graph.call_function(KEY_SCORES, (q, k, past, key_mask), {
+            "last": last, "scale": att.kwargs.get("scale", 0.0), "softcap": att.kwargs.get("softcap", 0.0)})
 
 
 def score_layout(program: Program) -> list[dict[str, Any]]:
@@ -302,32 +320,34 @@ def policy_record(program: Program) -> dict[str, Any]:
     return {"kv_policy": {**program.kv_policy.to_dict(), "scores": score_layout(program)}}
 
 
-def _ring_masks(gm: fx.GraphModule, entries: list[CacheEntry], anchor: fx.Node, dense: bool) -> None:
-    """Give every attention node with a ring its own key mask input (one per distinct sinks/window)."""
+def _layer_masks(gm: fx.GraphModule, entries: list[CacheEntry], anchor: fx.Node, dense: bool) -> None:
+    """Give every attention node with a ring, or in a pruned prefill stage, its own key mask input (one per
+    distinct sinks/window, one per stage)."""
     graph = gm.graph
-    rings = {(e.layer, e.group): e for e in entries if e.capacity > 0}
+    own = {(e.layer, e.group): e for e in entries if e.key_mask}
     masks: dict[str, fx.Node] = {}
     for layer, nodes in attention_by_layer(graph).items():
         for group, att in enumerate(nodes):
-            entry = rings.get((layer, group))
+            entry = own.get((layer, group))
             if entry is not None:
-                anchor = _ring_mask(graph, att, entry, masks, anchor, dense)
+                anchor = _layer_mask(graph, att, entry, masks, anchor, dense)
 
 
-def _ring_mask(graph: fx.Graph, att: fx.Node, entry: CacheEntry, masks: dict[str, fx.Node], anchor: fx.Node,
-               dense: bool) -> fx.Node:
-    """Point ``att``'s key mask at its ring's mask input (created at the first use); returns the new anchor."""
-    if entry.ring_mask not in masks:
+def _layer_mask(graph: fx.Graph, att: fx.Node, entry: CacheEntry, masks: dict[str, fx.Node], anchor: fx.Node,
+                dense: bool) -> fx.Node:
+    """Point ``att``'s key mask at its entry's mask input (created at the first use); returns the new anchor."""
+    name = entry.key_mask
+    if name not in masks:
         with graph.inserting_after(anchor):
-            placeholder = graph.placeholder(entry.ring_mask)
+            placeholder = graph.placeholder(name)
         anchor = placeholder
         with graph.inserting_before(att):
-            masks[entry.ring_mask] = graph.call_function(aten.ne.Scalar, (placeholder, 0))
+            masks[name] = graph.call_function(aten.ne.Scalar, (placeholder, 0))
     args = list(att.args) + [None] * max(0, 4 - len(att.args))
-    args[3] = masks[entry.ring_mask]
+    args[3] = masks[name]
     att.args = tuple(args)
     kwargs = {k: v for k, v in att.kwargs.items() if k != "key_mask"}
-    if dense:
+    if dense and entry.capacity > 0:
         kwargs.update(window=0, sinks=0)
     att.kwargs = kwargs
     return anchor
@@ -335,21 +355,24 @@ def _ring_mask(graph: fx.Graph, att: fx.Node, entry: CacheEntry, masks: dict[str
 
 def decode_dynamic(entries: list[CacheEntry]) -> tuple[Any, ...]:
     """``dynamic_shapes`` of the decode graph's inputs for ``torch.export`` (ids, positions, mask, the pasts,
-    the ring masks): ring entries get their own past / total dims (they hold fewer tokens than the text)."""
+    the layers' own masks): ring and pruned-stage entries get their own past / total dims (they hold fewer tokens
+    than the text)."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     new = torch.export.Dim("new", min=1, max=65536)
     past = torch.export.Dim("past", min=0, max=1 << 20)
     total = torch.export.Dim("total", min=1, max=(1 << 20) + 65536)
-    ring_dims = {r: (torch.export.Dim(r.replace("ring_mask", "past"), min=0, max=1 << 20),
-                     torch.export.Dim(r.replace("ring_mask", "total"), min=1, max=(1 << 20) + 65536))
-                 for r in _ring_names(entries)}
-    pasts = tuple({0: batch, e.seq_dim: ring_dims[e.ring_mask][0] if e.capacity > 0 else past} for e in entries)
+    own = {r: (torch.export.Dim(r.replace("ring_mask", "past").replace("_mask", "_past"), min=0, max=1 << 20),
+               torch.export.Dim(r.replace("ring_mask", "total").replace("_mask", "_total"), min=1,
+                                max=(1 << 20) + 65536))
+           for r in _mask_names(entries)}  # ring_mask_s4_w8: past_s4_w8; prune_mask_stage1: prune_past_stage1
+    pasts = tuple({0: batch, e.seq_dim: own[e.key_mask][0] if e.key_mask else past} for e in entries)
     return ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch, 1: total}, *pasts,
-            *({0: batch, 1: ring_dims[r][1]} for r in ring_dims))
+            *({0: batch, 1: own[r][1]} for r in own))
 
 
 RING_EXAMPLE = 6
-"""Slots of the ring pasts in the traced example (any size traces the same graph; not 0/1, not the others)."""
+"""Slots of the ring (and pruned-stage) pasts in the traced example (any size traces the same graph; not 0/1,
+not the others)."""
 
 
 def decode_example(cache: list[Tensor], entries: list[CacheEntry], batch: int, vocab: int
@@ -360,16 +383,17 @@ def decode_example(cache: list[Tensor], entries: list[CacheEntry], batch: int, v
     ids = torch.randint(0, max(vocab, 1), (batch, 3), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(past_len, past_len + 3).expand(batch, 3).contiguous()
     mask = torch.ones(batch, past_len + 3, dtype=torch.int64)
-    pasts = [c.narrow(e.seq_dim, 0, RING_EXAMPLE).contiguous() if e.capacity > 0 else c
+    pasts = [c.narrow(e.seq_dim, 0, RING_EXAMPLE).contiguous() if e.key_mask else c
              for c, e in zip(cache, entries)]
-    rings = [torch.ones(batch, RING_EXAMPLE + 3, dtype=torch.int64) for _ in _ring_names(entries)]
+    masks = [torch.ones(batch, RING_EXAMPLE + 3, dtype=torch.int64) for _ in _mask_names(entries)]
     names = ["input_ids", "position_ids", "attention_mask", *[f"past_{e.name.replace('.', '_')}" for e in entries],
-             *_ring_names(entries)]
-    return (ids, pos, mask, *pasts, *rings), decode_dynamic(entries), names
+             *_mask_names(entries)]
+    return (ids, pos, mask, *pasts, *masks), decode_dynamic(entries), names
 
 
-def _ring_names(entries: list[CacheEntry]) -> list[str]:
-    return list(dict.fromkeys(e.ring_mask for e in entries if e.capacity > 0))
+def _mask_names(entries: list[CacheEntry]) -> list[str]:
+    """The decode graph's layer-mask inputs, in input order (rings', pruned stages')."""
+    return list(dict.fromkeys(e.key_mask for e in entries if e.key_mask))
 
 
 def layout_dict(entries: list[CacheEntry]) -> list[dict[str, Any]]:

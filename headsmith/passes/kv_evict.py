@@ -83,6 +83,9 @@ class KvEvict(Pass):
         if program.kv_policy is not None:
             raise PassError(f"the program already has a KV policy ({program.kv_policy.method})",
                             "give kv-evict once; the budget can still change at run time (--kv-budget)")
+        if program.prefill_prune is not None:
+            raise PassError("kv-evict and prefill-prune both choose the prompt tokens the cache keeps",
+                            "use one of them")
         if self.method == "h2o" and program.drafts:
             raise PassError("kv-evict(method=h2o) evicts while decoding, so a speculative draft's rejected tokens "
                             "could not be rolled back", "use method=snapkv with drafts, or drop draft(...)")

@@ -28,7 +28,9 @@ from torch import Tensor
 from ..errors import BackendError
 from ..merging import engine_call
 from ..program import ModelInfo, ModelSpec, Program
+from ..token_pruning import PrunePlan
 from .kv_cache import CacheSpec
+from .pruned_prefill import PrunedPrompt, mask_names, run_stages, stage_masks
 from .ring import Ring, ring_masks, rings_of, step_size
 
 
@@ -60,6 +62,10 @@ class TorchCache:
     tokens held."""
     scores: list[np.ndarray] | None = None
     """The last step's eviction scores (``[B, G, keys]`` per layer), from graphs that return them (``kv-evict``)."""
+    pruned: PrunedPrompt | None = None
+    """What a pruned prefill kept (``prefill-prune``; later stages' entries hold fewer prompt tokens)."""
+    dropped: list[int] = field(default_factory=list)
+    """Per entry, the prompt tokens a pruned prefill's stage never gave it (empty: none)."""
 
     def __post_init__(self) -> None:
         if not self.rings:
@@ -130,8 +136,12 @@ class TorchCache:
         for r in self.rings:
             if r is not None:
                 r.check_truncate(self.seen, length)
-        self.tensors = [t.narrow(d, 0, min(int(t.shape[d]), length if r is None else r.slots(length))).contiguous()
-                        for t, d, r in zip(self.tensors, self.seq_dims, self.rings)]
+        width = self.pruned.width if self.pruned is not None else 0
+        if length < width:
+            raise ValueError(f"a pruned prompt of {width} tokens cannot be cut to {length}")
+        dropped = self.dropped or [0] * len(self.tensors)
+        self.tensors = [t.narrow(d, 0, min(int(t.shape[d]), length - x if r is None else r.slots(length))).contiguous()
+                        for t, d, r, x in zip(self.tensors, self.seq_dims, self.rings, dropped)]
         self.seen = length
 
 
@@ -197,6 +207,12 @@ class TorchEngine:
     token_merge: dict[str, Any] = field(default_factory=dict)
     """An exported token-merge graph's record (its input length: ``passes/token_merge.py``; empty: none, or an
     eager program, which pads itself)."""
+    prune_plan: PrunePlan | None = None
+    """A ``prefill-prune`` plan, run by ``stages`` (eager programs only)."""
+    stages: list[Any] = field(default_factory=list, repr=False)
+    """The staged prefill's graphs (``passes/prefill_stages.py``)."""
+    prune: bool = True
+    """Run the staged prefill when there is one (False: the full prefill, for comparison)."""
     name: str = "torch"
 
     @staticmethod
@@ -209,10 +225,15 @@ class TorchEngine:
         pre, entries = prefill_graph(program, ring=True)
         dec, _ = decode_graph(program, ring=True)
         drafts = draft_lowerings(program)
+        stages: list[Any] = []
+        if program.prefill_prune is not None:
+            from ..passes.prefill_stages import prefill_stages
+            stages = prefill_stages(program)[0]
         return TorchEngine(program.info, spec, pre, dec, program.gm, [e.seq_dim for e in entries], rings_of(entries),
                            {d.name: d.record for d in drafts},
                            {d.name: decode_graph(d.program, ring=True)[0] for d in drafts},
-                           policy_record(program).get("kv_policy", {}), layout_dict(entries))
+                           policy_record(program).get("kv_policy", {}), layout_dict(entries),
+                           prune_plan=program.prefill_prune, stages=stages)
 
     @staticmethod
     def from_artifact(artifact: Any) -> TorchEngine:
@@ -237,12 +258,34 @@ class TorchEngine:
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         check_inputs(input_ids, attention_mask, position_ids)
+        if self.prune and self.prune_plan is not None:
+            return self._pruned_prefill(input_ids, attention_mask, position_ids)
         with torch.no_grad():
             out = self.prefill_fn(input_ids, position_ids, attention_mask)
         n = len(self.seq_dims)
         cache = TorchCache.from_prompt(list(out[1:1 + n]), self.seq_dims, self.rings)
         cache.scores = [s.numpy() for s in out[1 + n:]] or None
         return out[0], cache
+
+    def _pruned_prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
+                        ) -> tuple[Tensor, TorchCache]:
+        """The staged prefill of ``prefill-prune`` (``pruned_prefill.py``)."""
+        assert self.prune_plan is not None
+
+        def run(s: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            stage = self.stages[s]
+            with torch.no_grad():
+                out = stage.gm(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in stage.inputs))
+            return [o.numpy() for o in out]
+
+        feeds = _feeds(input_ids, position_ids, attention_mask)
+        logits, presents, pruned = run_stages(self.prune_plan, run, [st.entries for st in self.stages],
+                                              len(self.seq_dims), feeds["input_ids"], feeds["attention_mask"],
+                                              feeds["position_ids"])
+        cache = TorchCache([torch.from_numpy(p) for p in presents], self.seq_dims, list(self.rings),
+                           input_ids.shape[1], pruned=pruned,
+                           dropped=[pruned.width - int(p.shape[d]) for p, d in zip(presents, self.seq_dims)])
+        return torch.from_numpy(logits), cache
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: TorchCache) -> tuple[Tensor, Any]:
@@ -251,6 +294,8 @@ class TorchEngine:
         if step_size(self.rings, cache.length, t) < t:
             return decode_in_steps(self, input_ids, attention_mask, position_ids, cache, self.rings)
         rings = ring_tensors(self.rings, attention_mask, cache.length)
+        names = mask_names(int(e.get("stage", 0)) for e in self.cache_layout)
+        rings += [torch.from_numpy(m) for m in stage_masks(names, cache.pruned, attention_mask).values()]
         with torch.no_grad():
             out = self.decode_fn(input_ids, position_ids, attention_mask, *cache.tensors, *rings)
         n = len(self.seq_dims)
@@ -327,6 +372,8 @@ def engine_for(artifact: Any, threads: int | None = None) -> Engine:
                 engine.session(key)
         for record in backend.get("drafts", {}).values():  # speculative drafts: the same graph choice
             engine.session(record.get("decode_dense", record["decode"]))
+        for stage in backend.get("prefill_prune", {}).get("stages", []):  # a pruned prefill's stage graphs
+            engine.session(stage["graph"])
         return engine
     if name == "tvm":
         from .tvm_engine import TvmEngine

@@ -21,6 +21,10 @@ ping-pong: the ``C - 1`` kept slots are also compacted into the other buffer, th
 
 A KV-eviction policy (``runtime/eviction.py``) keeps only some tokens: :meth:`KVCache.compact` after the prompt,
 :meth:`KVCache.evict_last` after a decode step (h2o); ``length`` is then the tokens held, not those seen.
+
+After a pruned prefill (``prefill-prune``, ``pruned_prefill.py``, :meth:`KVCache.store_pruned`) the entries of a
+later stage never held the prompt tokens that stage dropped: ``length`` counts the text, ``tokens(i)`` what
+entry ``i`` holds, and :meth:`KVCache.stage_masks` gives those layers' key masks.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .pruned_prefill import PrunedPrompt, mask_names, stage_masks
 from .ring import Ring, rings_of
 
 
@@ -44,11 +49,14 @@ class CacheSpec:
     window: int = 0
     capacity: int = 0
     """Slots of a ring cache (0: grows with the text)."""
+    stage: int = 0
+    """Its layer's pruned prefill stage (``prefill-prune``; 0: it holds every prompt token)."""
 
     @staticmethod
     def from_manifest(entries: list[dict[str, Any]]) -> list[CacheSpec]:
         return [CacheSpec(e["name"], tuple(e["shape"]), int(e["seq_dim"]), int(e.get("sinks", 0)),
-                          int(e.get("window", 0)), int(e.get("capacity", 0))) for e in entries]
+                          int(e.get("window", 0)), int(e.get("capacity", 0)), int(e.get("stage", 0)))
+                for e in entries]
 
 
 @dataclass
@@ -68,6 +76,10 @@ class KVCache:
     rings: list[Ring | None] = field(default_factory=list, repr=False)
     scores: list[np.ndarray] | None = field(default=None, repr=False)
     """The last step's eviction scores (``[B, G, keys]`` per layer), from graphs that return them (``kv-evict``)."""
+    pruned: PrunedPrompt | None = field(default=None, repr=False)
+    """What a pruned prefill kept (``prefill-prune``); None: every entry holds the whole prompt."""
+    _dropped: list[int] = field(default_factory=list, repr=False)
+    """Per entry, prompt tokens it never held (a pruned prefill's later stages)."""
     _buffers: list[list[np.ndarray]] = field(default_factory=list, repr=False)
     _current: list[int] = field(default_factory=list, repr=False)
     _behind: list[int] = field(default_factory=list, repr=False)
@@ -77,6 +89,7 @@ class KVCache:
         self.rings = rings_of(self.specs)
         self._current = [0] * len(self.specs)
         self._behind = [0] * len(self.specs)
+        self._dropped = [0] * len(self.specs)
         self._allocate(self.capacity)
 
     def shape_for(self, spec: CacheSpec, tokens: int) -> tuple[int, ...]:
@@ -86,7 +99,7 @@ class KVCache:
         """Slots entry ``i`` holds after ``seen`` tokens (default: now)."""
         seen = self.length - self._behind[i] if seen is None else seen
         ring = self.rings[i]
-        return ring.slots(seen) if ring is not None else seen
+        return ring.slots(seen) if ring is not None else seen - self._dropped[i]
 
     def _slots(self, i: int, capacity: int) -> int:
         ring = self.rings[i]
@@ -185,11 +198,27 @@ class KVCache:
                 self._current[i] = 1 - self._current[i]
         self.length += new
 
+    def store_pruned(self, presents: list[np.ndarray], pruned: PrunedPrompt) -> None:
+        """Store a pruned prefill's presents into an empty cache: a later stage's entries hold fewer prompt
+        tokens (the first entry, layer 0's, holds them all)."""
+        if self.length != 0 or presents[0].shape[self.specs[0].seq_dim] != pruned.width:
+            raise ValueError("a pruned prompt goes into an empty cache whose first entry holds the whole prompt")
+        self._dropped = [pruned.width - int(v.shape[s.seq_dim]) for v, s in zip(presents, self.specs)]
+        self.pruned = pruned
+        self.store(presents)
+
+    def stage_masks(self, attention_mask: Any) -> dict[str, np.ndarray]:
+        """The decode graph's ``prune_mask_stage*`` inputs for a step with the full ``attention_mask``."""
+        names = mask_names(s.stage for s in self.specs)
+        return stage_masks(names, self.pruned, attention_mask) if names else {}
+
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens (ping-pong: a copy into the other buffer, then swap; in place:
         the later slots are simply overwritten by the next step). Refused once a ring has evicted tokens."""
         if length >= self.length:
             return
+        if self.pruned is not None and length < self.pruned.width:
+            raise ValueError(f"a pruned prompt of {self.pruned.width} tokens cannot be cut to {length}")
         for ring in self.rings:
             if ring is not None:
                 ring.check_truncate(self.length, length)
@@ -210,7 +239,8 @@ class KVCache:
         twin = dataclasses.replace(self, bindings={}, capacity=0)  # capacity 0: __post_init__ allocates nothing big
         twin._buffers = [[b.copy() for b in pair] for pair in self._buffers]
         twin.capacity, twin.length = self.capacity, self.length
-        twin._current, twin._behind = list(self._current), list(self._behind)
+        twin._current, twin._behind, twin._dropped = list(self._current), list(self._behind), list(self._dropped)
+        twin.pruned = None if self.pruned is None else self.pruned.copy()
         twin.scores = None if self.scores is None else [s.copy() for s in self.scores]
         return twin
 
@@ -218,8 +248,8 @@ class KVCache:
         """Keep, per entry, the slots ``index[i]`` (indices along the sequence, broadcastable against the entry as
         ``np.take_along_axis`` takes them): a KV-eviction policy's choice (``runtime/eviction.py``). The cache then
         holds that many tokens (``length``), in that order."""
-        if any(r is not None for r in self.rings):
-            raise ValueError("ring caches keep their own slots; they are not compacted")
+        if any(r is not None for r in self.rings) or self.pruned is not None:
+            raise ValueError("ring caches and pruned prompts keep their own slots; they are not compacted")
         kept = [np.take_along_axis(v, ix, self.specs[i].seq_dim) for i, (v, ix) in enumerate(zip(self.valid(), index))]
         self.length, self._behind = 0, [0] * len(self.specs)
         self.store(kept)

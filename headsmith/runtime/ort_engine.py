@@ -17,8 +17,10 @@ from torch import Tensor
 from ..errors import BackendError
 from ..merging import engine_call
 from ..program import ModelInfo, ModelSpec
+from ..token_pruning import PrunePlan
 from .engine import _feeds, check_inputs, decode_in_steps, empty_pasts
 from .kv_cache import CacheSpec, KVCache
+from .pruned_prefill import run_stages
 from .ring import Ring, ring_masks, rings_of, step_size
 
 
@@ -32,6 +34,8 @@ class OrtEngine:
     backend: dict[str, Any]
     threads: int | None = None
     name: str = "onnx"
+    prune: bool = True
+    """Run the staged prefill of a ``prefill-prune`` artifact (False: its full prefill, for comparison)."""
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -92,6 +96,8 @@ class OrtEngine:
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         check_inputs(input_ids, attention_mask, position_ids)
+        if self.prune and "prefill_prune" in self.backend:
+            return self._pruned_prefill(input_ids, attention_mask, position_ids)
         b, t = input_ids.shape
         cache = self.new_cache(b, capacity=max(256, 2 * t))
         logits = np.empty((b, 1, self.info.vocab_size), dtype=np.float32)
@@ -110,6 +116,25 @@ class OrtEngine:
             cache.commit(t)
         return torch.from_numpy(logits), cache
 
+    def _pruned_prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
+                        ) -> tuple[Tensor, KVCache]:
+        """The stage graphs of ``prefill-prune`` (``pruned_prefill.py``); the later stages' entries hold fewer
+        prompt tokens."""
+        record = self.backend["prefill_prune"]
+        stages = record["stages"]
+
+        def run(s: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return list(self.session(stages[s]["graph"]).run(stages[s]["outputs"], feeds))
+
+        feeds = _feeds(input_ids, position_ids, attention_mask)
+        logits, presents, pruned = run_stages(PrunePlan.from_dict(record), run, [st["entries"] for st in stages],
+                                              len(self.cache_specs), feeds["input_ids"], feeds["attention_mask"],
+                                              feeds["position_ids"])
+        b, t = input_ids.shape
+        cache = self.new_cache(b, capacity=max(256, 2 * t))
+        cache.store_pruned(presents, pruned)
+        return torch.from_numpy(logits), cache
+
     def decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: KVCache) -> tuple[Tensor, Any]:
         check_inputs(input_ids, attention_mask, position_ids, cache.length)
@@ -122,6 +147,7 @@ class OrtEngine:
             return decode_in_steps(self, input_ids, attention_mask, position_ids, cache, cache.rings, one)
         feeds = _feeds(input_ids, position_ids, attention_mask)
         feeds.update(ring_masks(cache.rings, attention_mask, cache.length))
+        feeds.update(cache.stage_masks(attention_mask))
         logits = np.empty((b, t, self.info.vocab_size), dtype=np.float32)
         names = [f"present_{s.name.replace('.', '_')}" for s in cache.specs]
         scores = self._scores(b, cache.length + t, decode=True)
