@@ -23,7 +23,21 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .cli_common import STATE, KvBudget, KvMethod, KvOff, KvTokens, _artifact, _progress, app, err, out, status
+from .cli_common import (
+    STATE,
+    KvBudget,
+    KvMethod,
+    KvOff,
+    KvTokens,
+    PruneOff,
+    _artifact,
+    _progress,
+    app,
+    err,
+    out,
+    prefill_option,
+    status,
+)
 from .errors import HeadsmithError
 
 
@@ -285,6 +299,7 @@ def run(
                                                              "Same output as without.")] = None,
     k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adapts to the acceptance).")] = 4,
     kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
+    no_prefill_prune: PruneOff = False,
 ) -> None:
     """Generate text from an artifact, streaming tokens as they come."""
     from .runtime.engine import engine_for
@@ -311,6 +326,7 @@ def run(
         shown[row] = len(text)
 
     policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
+    prefill_option(engine, no_prefill_prune)
     result = generate(engine, prompts, config, stream=stream, draft=draft, k=k, kv_policy=policy)
     if len(prompts) == 1:
         out.print()

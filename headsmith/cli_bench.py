@@ -10,7 +10,20 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .cli_common import KvBudget, KvMethod, KvOff, KvTokens, _artifact, _progress, _source_model, app, out, status
+from .cli_common import (
+    KvBudget,
+    KvMethod,
+    KvOff,
+    KvTokens,
+    PruneOff,
+    _artifact,
+    _progress,
+    _source_model,
+    app,
+    out,
+    prefill_option,
+    status,
+)
 from .errors import HeadsmithError
 
 
@@ -27,6 +40,7 @@ def bench(
                                                              "decoding.")] = None,
     k: Annotated[int, typer.Option("--k", help="Drafted tokens per step (adaptive).")] = 4,
     kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
+    no_prefill_prune: PruneOff = False,
 ) -> None:
     """Prefill/decode tokens/s per context, KV bytes/token, peak RSS, vs HF transformers and the bandwidth bound."""
     from .runtime.bench import plot, run_bench
@@ -47,6 +61,7 @@ def bench(
         return
     engine = engine_for(art)
     policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
+    prefill_option(engine, no_prefill_prune)
     if draft is not None:  # a bad draft fails now, not after minutes of timing
         from .runtime.speculative import draft_for
         draft_for(draft, engine)

@@ -70,3 +70,10 @@ KvMethod = Annotated[str | None, typer.Option("--kv-method", help="kv-evict arti
 KvTokens = Annotated[int | None, typer.Option("--kv-tokens", help="kv-evict artifacts: a fixed number of cached "
                                                                    "tokens instead of a fraction.")]
 KvOff = Annotated[bool, typer.Option("--no-kv-evict", help="kv-evict artifacts: keep the full cache.")]
+PruneOff = Annotated[bool, typer.Option("--no-prefill-prune", help="prefill-prune artifacts: run the full prefill.")]
+
+
+def prefill_option(engine: Any, off: bool) -> None:
+    """``--no-prefill-prune``: a prefill-prune artifact's engine runs its full prefill."""
+    if off and hasattr(engine, "prune"):
+        engine.prune = False

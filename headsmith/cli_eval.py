@@ -11,7 +11,19 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .cli_common import KvBudget, KvMethod, KvOff, KvTokens, _artifact, _source_model, app, out, status
+from .cli_common import (
+    KvBudget,
+    KvMethod,
+    KvOff,
+    KvTokens,
+    PruneOff,
+    _artifact,
+    _source_model,
+    app,
+    out,
+    prefill_option,
+    status,
+)
 from .errors import HeadsmithError
 
 
@@ -31,6 +43,7 @@ def eval_cmd(
                                                                      "tokens after the rest was prefilled (and its "
                                                                      "cache evicted, kv-evict artifacts).")] = 0,
     kv_budget: KvBudget = None, kv_method: KvMethod = None, kv_tokens: KvTokens = None, no_kv_evict: KvOff = False,
+    no_prefill_prune: PruneOff = False,
 ) -> None:
     """Perplexity on a text (KL / top-1 agreement with the source when it can be loaded); encoders: embedding
     cosine; ``--passkey``: passkey retrieval accuracy at each context and depth; ``--continuation N``: perplexity
@@ -45,6 +58,7 @@ def eval_cmd(
         raise HeadsmithError(f"artifact {artifact_dir} has no tokenizer", "convert a model that ships one")
     engine = engine_for(art)
     policy = policy_option(engine, kv_budget, kv_method, kv_tokens, no_kv_evict)
+    prefill_option(engine, no_prefill_prune)
     if passkey:
         _passkey(art, engine, contexts, depths, trials, as_json, policy)
         return
@@ -77,6 +91,7 @@ def eval_cmd(
 
 def _continuation(art: Any, engine: Any, ids: Any, n: int, policy: Any, as_json: bool) -> None:
     from .runtime.eviction import continuation_perplexity
+    from .runtime.pruned_prefill import full_prefill, prunes
 
     if art.info.task != "causal-lm" or not 0 < n < ids.shape[1]:
         raise HeadsmithError(f"--continuation needs a causal LM and 0 < N < the {ids.shape[1]} tokens of the text",
@@ -86,10 +101,13 @@ def _continuation(art: Any, engine: Any, ids: Any, n: int, policy: Any, as_json:
                                   "policy": continuation_perplexity(engine, ids, ids.shape[1] - n, policy)}
         if getattr(engine, "kv_policy", None) and policy is not False:
             result["full_cache"] = continuation_perplexity(engine, ids, ids.shape[1] - n, False)
+        if prunes(engine):
+            with full_prefill(engine):
+                result["full_prefill"] = continuation_perplexity(engine, ids, ids.shape[1] - n, False)
     if as_json:
         out.print_json(json.dumps(result))
         return
-    for key in ("policy", "full_cache"):
+    for key in ("policy", "full_cache", "full_prefill"):
         if key in result:
             r = result[key]
             out.print(f"{key:>10}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens after "

@@ -28,6 +28,8 @@ import numpy as np
 
 from .kv_policy import POOLS, pool_positions
 
+HEADS = ("sum", "max")
+
 
 @dataclass(frozen=True)
 class PrunePlan:
@@ -42,6 +44,9 @@ class PrunePlan:
     kernel: int = 7
     """Positions pooled around each score (odd; 1: none)."""
     pool: str = "max"
+    heads: str = "sum"
+    """How a token's score combines the layer's KV heads: ``sum`` (the attention it receives in all) or ``max``
+    (the most any one head pays it: a token one retrieval head needs ranks high)."""
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -61,6 +66,8 @@ class PrunePlan:
             raise ValueError(f"kernel is an odd number of positions >= 1, got {self.kernel}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose one of {', '.join(POOLS)}")
+        if self.heads not in HEADS:
+            raise ValueError(f"unknown heads {self.heads!r}; choose one of {', '.join(HEADS)}")
 
     @property
     def stages(self) -> int:
@@ -82,7 +89,8 @@ class PrunePlan:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> PrunePlan:
         return PrunePlan(tuple(int(x) for x in d["layers"]), tuple(float(x) for x in d["keep"]),
-                         int(d.get("window", 32)), int(d.get("kernel", 7)), str(d.get("pool", "max")))
+                         int(d.get("window", 32)), int(d.get("kernel", 7)), str(d.get("pool", "max")),
+                         str(d.get("heads", "sum")))
 
 
 def select_tokens(plan: PrunePlan, scores: np.ndarray, valid: np.ndarray, keep: int) -> np.ndarray:
@@ -92,7 +100,7 @@ def select_tokens(plan: PrunePlan, scores: np.ndarray, valid: np.ndarray, keep: 
     if keep >= t:
         return np.broadcast_to(np.arange(t), (b, t)).copy()
     w = min(plan.window, t)
-    total = scores.astype(np.float64).sum(1)
+    total = scores.astype(np.float64).sum(1) if plan.heads == "sum" else scores.astype(np.float64).max(1)
     rank = np.concatenate([pool_positions(total[:, : t - w], plan.kernel, plan.pool), np.full((b, w), np.inf)], -1)
     rank = np.where(valid, rank, -np.inf)
     order = np.argsort(-rank, axis=-1, kind="stable")[:, :keep]  # stable: padding ties keep text order

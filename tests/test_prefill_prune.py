@@ -6,6 +6,7 @@ agrees with torch; bad plans and models give clear errors."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from headsmith.runtime.engine import TorchEngine, engine_for
 from headsmith.runtime.generate import GenerationConfig, generate, pad_left
 from headsmith.sites import ATTENTION
 
-from .conftest import _ROOT, TINY, tiny_program
+from .conftest import _ROOT, TINY, tiny_program, tiny_tokenizer
 from .test_kv_evict import reference_scores
 
 PROMPTS = [list(range(5, 29)), list(range(30, 47))]
@@ -40,6 +41,7 @@ def deep_llama() -> Program:
     torch.manual_seed(0)
     d = Path(tempfile.mkdtemp(prefix="deep-llama-", dir=_ROOT))
     transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
     return headsmith.load(d)
 
 
@@ -107,6 +109,12 @@ def test_keeping_every_token_is_the_full_prefill() -> None:
     engine.prune = True
     assert generate(engine, PROMPTS, CONFIG).tokens == generate(TorchEngine.from_program(deep_llama()), PROMPTS,
                                                                 CONFIG).tokens
+
+
+def test_the_default_plan_prunes_half_the_prompt_a_third_of_the_way_down() -> None:
+    plan = deep_llama().apply("prefill-prune").prefill_prune
+    assert plan.layers == (1,) and plan.keep == (0.5,) and plan.heads == "sum"
+    assert pruned("prefill-prune(heads=max, layers=[2])").prefill_prune.heads == "max"
 
 
 def test_a_prompt_shorter_than_the_window_is_not_pruned() -> None:
@@ -219,6 +227,7 @@ def test_the_onnx_engine_agrees_with_torch(tmp_path: Path, attention: str) -> No
     ("prefill-prune(layers=[1, 2], keep=[0.5])", "one keep ratio per"),
     ("prefill-prune(layers=[1], keep=[0])", "(0, 1]"),
     ("prefill-prune(layers=[1], keep=[0.5], kernel=2)", "odd"),
+    ("prefill-prune(layers=[1], keep=[0.5], heads=mean)", "unknown heads"),
 ])
 def test_bad_plans_are_refused(spec: str, message: str) -> None:
     with pytest.raises(HeadsmithError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -243,3 +252,24 @@ def test_models_and_combinations_it_does_not_fit_are_refused(arch: str, spec: st
 def test_backends_without_a_staged_prefill_refuse(tmp_path: Path, backend: str) -> None:
     with pytest.raises(HeadsmithError, match=f"not built for the {backend}"):
         write_artifact(pruned("prefill-prune(layers=[1], keep=[0.5])", deep=False), tmp_path / "a", backend=backend)
+
+
+def test_cli_eval_and_bench_a_pruned_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from headsmith.cli import main
+
+    path = str(write_artifact(pruned("prefill-prune(layers=[2], keep=[0.5], window=4)"), tmp_path / "a",
+                              backend="onnx"))
+    code = main(["eval", path, "--json", "--max-tokens", "120", "--continuation", "40"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    assert out["policy"]["tokens"] == out["full_prefill"]["tokens"] == 40
+    assert out["policy"]["perplexity"] != out["full_prefill"]["perplexity"]
+    rows = {}
+    for flag in ([], ["--no-prefill-prune"]):
+        code = main(["bench", path, "--contexts", "64", "--new-tokens", "4", "--json", "--no-compare", *flag])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        rows[bool(flag)] = json.loads(captured.out)["contexts"][0]
+    # layers 0-1 hold the 64 prompt tokens, layers 2-3 half of them
+    assert rows[False]["kv_tokens_held"] == (64 + 32) // 2 and rows[True]["kv_tokens_held"] == 64

@@ -149,7 +149,8 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
                          drafts: list[DraftLowering] | None = None) -> dict[str, Any]:
     """Write ``prefill.pt2``, ``decode.pt2`` and each draft's ``draft_<name>.pt2`` (weights lifted); returns the
     manifest fields (cache layout, drafts)."""
-    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, policy_record, prefill_graph
+    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
+    from ..passes.kv_scores import policy_record
 
     pre, entries = prefill_graph(program, ring=True)
     dec, _ = decode_graph(program, ring=True)

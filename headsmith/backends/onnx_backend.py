@@ -154,7 +154,8 @@ def lower_onnx(program: Program, directory: Path, progress: Any = None, variant:
     ``ring``: windowed layers get ring caches, see passes/kv_cache.py)."""
     import onnx
 
-    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, policy_record, prefill_graph
+    from ..passes.kv_cache import decode_example, decode_graph, layout_dict, prefill_graph
+    from ..passes.kv_scores import policy_record
 
     if variant not in VARIANTS:
         raise BackendError(f"unknown ONNX attention variant {variant!r}", f"choose one of {', '.join(VARIANTS)}")

@@ -31,6 +31,11 @@ window and sinks: while the slots still follow the text (no token evicted yet, o
 the exact mask, and once the ring is full a step of one token sees exactly its ``S + W`` cached keys, where the
 window masks nothing. Steps of several tokens on a full ring run one token at a time (the engines do it).
 
+**Pruned prefill stages** (``prefill-prune``): a layer of stage ``s > 0`` caches only the prompt tokens that
+reached it, so the decode graph gives it the stage's key mask ``prune_mask_stage{S}[B, K+T]`` (built by the
+runtime from the kept tokens' mask and the step's columns) and its entries their own past length; the staged
+prefill graphs are built in ``prefill_stages.py``.
+
 **Head groups**: a layer split by a per-head pattern (``passes/head_groups.py``) has one attention node per group
 of KV heads; each group caches its own ``k``/``v`` (entries ``layer{L}.g{G}.key`` / ``.value``, ``group = G``) with
 its own window, sinks and capacity, so a retrieval group keeps every token while a streaming group keeps a ring.
@@ -50,9 +55,9 @@ from ..program import Program
 from ..qweights import LINEAR_Q
 from ..sites import ATTENTION, attention_by_layer, attention_nodes
 from ..token_pruning import PrunePlan
+from .kv_scores import key_scores_outputs
 
 aten = torch.ops.aten
-KEY_SCORES = torch.ops.headsmith.key_scores.default
 
 
 @torch.library.custom_op("headsmith::cache_point", mutates_args=())
@@ -223,7 +228,7 @@ def prefill_graph(program: Program, last_only: bool = True, ring: bool = False
     points = _points(gm, shapes, ring, program.prefill_prune)
     if last_only:
         _lm_head_last_position(gm, program.info.vocab_size)
-    scores = _key_scores(gm, program, decode=False)
+    scores = key_scores_outputs(gm, program, decode=False)
     return _finish(gm, [p.node for p in points] + scores), [p.entry for p in points]
 
 
@@ -273,51 +278,8 @@ def decode_graph(program: Program, ring: bool = False, dense: bool = False
         p.node.replace_all_uses_with(cat, delete_user_cb=lambda u, c=cat: u is not c)
         presents.append(cat)
     _layer_masks(gm, [p.entry for p in points], anchor, dense)
-    scores = _key_scores(gm, program, decode=True)
+    scores = key_scores_outputs(gm, program, decode=True)
     return _finish(gm, presents + scores), [p.entry for p in points]
-
-
-def _key_scores(gm: fx.GraphModule, program: Program, decode: bool) -> list[fx.Node]:
-    """With a KV policy (``passes/kv_evict.py``), per layer the attention scores it ranks tokens by
-    (``headsmith.key_scores``, ``[B, G, keys]``): the prefill's observation window, and (h2o) the decode step's
-    queries over the past and new keys. Empty without a policy."""
-    policy = program.kv_policy
-    if policy is None or (decode and not policy.decode_scores):
-        return []
-    from .kv_evict import check_evictable
-    check_evictable(program)  # a later pass may have added a window
-    return [key_score_node(gm.graph, nodes[0], 0 if decode else policy.window)
-            for _, nodes in sorted(attention_by_layer(gm.graph).items())]
-
-
-def key_score_node(graph: fx.Graph, att: fx.Node, last: int) -> fx.Node:
-    """``headsmith.key_scores`` of attention node ``att`` (inserted after it): its last ``last`` queries' attention
-    to every key, or (``last=0``) a decode step's queries over its past and new keys."""
-    q, k = att.args[0], att.args[1]
-    key_mask = att.args[3] if len(att.args) > 3 else att.kwargs.get("key_mask")
-    past = None
-    if last == 0 and is_call(k, aten.cat.default) and getattr(k.args[0][0], "op", "") == "placeholder":  # type: ignore[union-attr, index]
-        past, k = k.args[0]  # type: ignore[union-attr, misc]
-    with graph.inserting_after(att):
-        return graph.call_function(KEY_SCORES, (q, k, past, key_mask), {
-            "last": last, "scale": att.kwargs.get("scale", 0.0), "softcap": att.kwargs.get("softcap", 0.0)})
-
-
-def score_layout(program: Program) -> list[dict[str, Any]]:
-    """The score outputs of the step graphs (``scores_layer{L}``, with ``G`` heads), for the manifest's
-    ``kv_policy``; empty without a policy."""
-    if program.kv_policy is None:
-        return []
-    shapes = program.shapes()
-    return [{"name": f"scores_layer{layer}", "layer": layer, "heads": int(shapes[nodes[0].args[1]][1])}  # type: ignore[index]
-            for layer, nodes in sorted(attention_by_layer(program.gm.graph).items())]
-
-
-def policy_record(program: Program) -> dict[str, Any]:
-    """The manifest's ``kv_policy`` (policy options and score outputs), or ``{}``."""
-    if program.kv_policy is None:
-        return {}
-    return {"kv_policy": {**program.kv_policy.to_dict(), "scores": score_layout(program)}}
 
 
 def _layer_masks(gm: fx.GraphModule, entries: list[CacheEntry], anchor: fx.Node, dense: bool) -> None:

@@ -1,4 +1,4 @@
-"""``prefill-prune(layers=[8, 16], keep=[0.5, 0.25], window=32)``: from a chosen layer on, the prompt tokens the
+"""``prefill-prune(layers=[10], keep=[0.5], window=32)``: from a chosen layer on, the prompt tokens the
 last ones attend to least stop flowing through the prefill, so time to first token drops.
 
 LazyLLM (Fu et al., 2024) observes that the attention of the prompt's last tokens, the ones that predict the
@@ -52,8 +52,8 @@ class PrefillPrune(Pass):
     exact: ClassVar[bool] = True  # the graph is unchanged; the staged prefill is what drops tokens
     float_weights: ClassVar[bool] = False
 
-    layers: tuple[int, ...] = (8,)
-    """The first layer of each pruned stage, ascending."""
+    layers: tuple[int, ...] = ()
+    """The first layer of each pruned stage, ascending (default: the layer a third of the way down the stack)."""
     keep: tuple[float, ...] = (0.5,)
     """Per pruning layer, the fraction of the prompt that keeps flowing (non-increasing)."""
     window: int = 32
@@ -62,15 +62,18 @@ class PrefillPrune(Pass):
     """Positions pooled around each score (odd; 1: none)."""
     pool: str = "max"
     """``max`` or ``avg`` pooling."""
+    heads: str = "sum"
+    """How a token's score combines the KV heads: ``sum`` or ``max`` (what one head pays it most)."""
 
     def __post_init__(self) -> None:
-        self.plan()  # checks the options
+        self.plan(n_layers=3)  # checks the options (the default layer is the model's, found in run)
 
-    def plan(self) -> PrunePlan:
-        return PrunePlan(tuple(self.layers), tuple(self.keep), self.window, self.kernel, self.pool)
+    def plan(self, n_layers: int) -> PrunePlan:
+        layers = tuple(self.layers) or (max(1, n_layers // 3),)
+        return PrunePlan(layers, tuple(self.keep), self.window, self.kernel, self.pool, self.heads)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        plan = self.plan()
+        plan = self.plan(len(attention_by_layer(program.gm.graph)))
         check_prunable(program, plan)
         new = dataclasses.replace(program.clone(), prefill_prune=plan)
         ctx.say("prefill-prune: " + ", ".join(f"layers {a}.. keep {k:.1%}" for a, k in zip(plan.layers, plan.keep)))

@@ -25,7 +25,8 @@ from ..errors import BackendError
 from ..fxutil import clone_module, erase_dead, is_call
 from ..program import Program
 from ..sites import attention_by_layer
-from .kv_cache import CACHE_POINT, CacheEntry, _lm_head_last_position, _points, _prepare, key_score_node
+from .kv_cache import CACHE_POINT, CacheEntry, _lm_head_last_position, _points, _prepare
+from .kv_scores import key_score_node
 from .prefill_prune import check_prunable
 from .structure import find_blocks
 

@@ -22,6 +22,7 @@ import torch
 from ..corpus import EVAL_TEXT, tokenize
 from .engine import Engine
 from .eviction import evictor_for
+from .pruned_prefill import mean_held
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 7) -> float:
@@ -53,7 +54,8 @@ class Timing:
     prefill_tok_s: float
     decode_tok_s: float
     held: int = 0
-    """KV tokens the cache held after the prompt (fewer than the prompt's with a KV-eviction policy)."""
+    """KV tokens the cache held after the prompt (fewer than the prompt's with a KV-eviction policy; after a pruned
+    prefill, the mean over the layers)."""
 
 
 def time_engine(engine: Engine, ids: torch.Tensor, new_tokens: int, repeats: int = 1, kv_policy: Any = None
@@ -71,7 +73,7 @@ def time_engine(engine: Engine, ids: torch.Tensor, new_tokens: int, repeats: int
     if evictor is not None:
         evictor.after_prefill(cache, mask)
     prefill = time.perf_counter() - start
-    held_prompt = cache.length
+    held_prompt = cache.length if getattr(cache, "pruned", None) is None else mean_held(cache)
     token = logits[:, -1].argmax(-1, keepdim=True)
     t = c
 

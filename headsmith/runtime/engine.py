@@ -221,7 +221,8 @@ class TorchEngine:
         if program.info.task != "causal-lm":
             return TorchEngine(program.info, spec, None, None, program.gm, [])
         from ..backends.lowering import draft_lowerings
-        from ..passes.kv_cache import decode_graph, layout_dict, policy_record, prefill_graph
+        from ..passes.kv_cache import decode_graph, layout_dict, prefill_graph
+        from ..passes.kv_scores import policy_record
         pre, entries = prefill_graph(program, ring=True)
         dec, _ = decode_graph(program, ring=True)
         drafts = draft_lowerings(program)

@@ -12,7 +12,8 @@ kept: a decode step's key mask for that stage's layers is that mask followed by 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,3 +84,32 @@ def run_stages(plan: PrunePlan, run: Callable[[int, dict[str, np.ndarray]], list
         pruned.kept[stage_mask_name(s + 1)] = index
     assert all(p is not None for p in presents), "a cache entry belongs to no stage"
     return logits, presents, pruned  # type: ignore[return-value]
+
+
+def mean_held(cache: Any) -> int:
+    """Prompt and generated tokens a cache holds per entry, on average (a pruned prefill's later stages hold
+    fewer): a ``KVCache`` or a ``TorchCache``."""
+    if hasattr(cache, "specs"):
+        held = [cache.tokens(i) for i in range(len(cache.specs))]
+    else:
+        held = [int(t.shape[d]) for t, d in zip(cache.tensors, cache.seq_dims)]
+    return round(sum(held) / max(1, len(held)))
+
+
+def prunes(engine: Any) -> bool:
+    """Whether ``engine`` runs a staged prefill (its artifact has ``prefill-prune`` and ``prune`` is on)."""
+    staged = getattr(engine, "prune_plan", None) is not None or "prefill_prune" in getattr(engine, "backend", {})
+    return staged and bool(getattr(engine, "prune", False))
+
+
+@contextmanager
+def full_prefill(engine: Any) -> Iterator[Any]:
+    """``engine`` with its staged prefill off for the block (the same artifact's full prefill, to compare)."""
+    before = getattr(engine, "prune", None)
+    if before is not None:
+        engine.prune = False
+    try:
+        yield engine
+    finally:
+        if before is not None:
+            engine.prune = before
