@@ -47,6 +47,12 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> st
     return "\n".join(lines)
 
 
+def passkey_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], at: int = 7) -> str:
+    """``table`` with a column per passkey depth (``passkey_<d>``) inserted after the first ``at`` columns."""
+    depths = sorted({k for r in rows for k in r if k.startswith("passkey_")})
+    return table(rows, [*columns[:at], *[(k, k.replace("passkey_", "d="), ".0f") for k in depths], *columns[at:]])
+
+
 def ppl_keys(rows: list[dict[str, Any]]) -> list[str]:
     """The ``ppl_<text>`` keys the rows have (not their ratios), sorted."""
     return sorted({k for r in rows for k in r if k.startswith("ppl_") and not k.endswith("_x")})

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import torch
-from _common import OUT, artifact, held_out_texts, machine, table
+from _common import OUT, artifact, held_out_texts, machine, passkey_table
 
 from headsmith.backends.artifact import read_artifact
 from headsmith.corpus import passkey_prompt
@@ -153,8 +153,7 @@ def main() -> None:
     with open(args.json, "w") as f:
         json.dump({"machine": machine(), "rows": rows}, f, indent=1)
     print(f"\n{machine()}\n")
-    depths = sorted({k for r in rows for k in r if k.startswith("passkey_")})
-    print(table(rows, [*COLUMNS[:7], *[(k, k.replace("passkey_", "d="), ".0f") for k in depths], *COLUMNS[7:]]))
+    print(passkey_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -200,24 +200,26 @@ def test_speculative_decoding_rolls_back_a_pruned_cache() -> None:
     assert generate(engine, prompts, CONFIG, draft="ngram").tokens == plain.tokens
 
 
-@pytest.mark.parametrize("attention", ["fused", "plain"])
-def test_the_onnx_engine_agrees_with_torch(tmp_path: Path, attention: str) -> None:
+@pytest.mark.parametrize("backend, attention", [("onnx", "fused"), ("onnx", "plain"), ("torch", None)])
+def test_the_artifact_engines_agree_with_the_eager_one(tmp_path: Path, backend: str, attention: str | None) -> None:
     program = pruned("prefill-prune(layers=[1, 3], keep=[0.6, 0.3], window=3)")
-    out = write_artifact(program, tmp_path / "a", backend="onnx", options={"attention": attention})
-    backend = read_artifact(out).manifest["backend"]
-    assert [s["graph"] for s in backend["prefill_prune"]["stages"]] == [f"prefill_stage{s}.onnx" for s in range(3)]
-    assert [e["stage"] for e in backend["cache"]] == [0, 0, 1, 1, 1, 1, 2, 2]
-    onnx, torch_engine = engine_for(read_artifact(out)), TorchEngine.from_program(program)
+    out = write_artifact(program, tmp_path / "a", backend=backend,
+                         options={"attention": attention} if attention else None)
+    record = read_artifact(out).manifest["backend"]
+    suffix = ".onnx" if attention else ".pt2"
+    assert [s["graph"] for s in record["prefill_prune"]["stages"]] == [f"prefill_stage{s}{suffix}" for s in range(3)]
+    assert [e["stage"] for e in record["cache"]] == [0, 0, 1, 1, 1, 1, 2, 2]
+    engine, eager = engine_for(read_artifact(out)), TorchEngine.from_program(program)
     ids, mask, pos = prompt_inputs()
-    a, cache_a = onnx.prefill(ids, mask, pos)
-    b, cache_b = torch_engine.prefill(ids, mask, pos)
+    a, cache_a = engine.prefill(ids, mask, pos)
+    b, cache_b = eager.prefill(ids, mask, pos)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for name, kept in cache_b.pruned.kept.items():
         np.testing.assert_array_equal(cache_a.pruned.kept[name], kept)
-    assert generate(onnx, PROMPTS, CONFIG).tokens == generate(torch_engine, PROMPTS, CONFIG).tokens
-    onnx.prune = False  # the same artifact's full prefill
-    assert generate(onnx, PROMPTS, CONFIG).tokens == generate(TorchEngine.from_program(deep_llama()), PROMPTS,
-                                                              CONFIG).tokens
+    assert generate(engine, PROMPTS, CONFIG).tokens == generate(eager, PROMPTS, CONFIG).tokens
+    engine.prune = False  # the same artifact's full prefill
+    assert generate(engine, PROMPTS, CONFIG).tokens == generate(TorchEngine.from_program(deep_llama()), PROMPTS,
+                                                                CONFIG).tokens
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -248,7 +250,7 @@ def test_models_and_combinations_it_does_not_fit_are_refused(arch: str, spec: st
         program.apply(spec)
 
 
-@pytest.mark.parametrize("backend", ["tvm", "torch"])
+@pytest.mark.parametrize("backend", ["tvm", "tensorrt"])
 def test_backends_without_a_staged_prefill_refuse(tmp_path: Path, backend: str) -> None:
     with pytest.raises(HeadsmithError, match=f"not built for the {backend}"):
         write_artifact(pruned("prefill-prune(layers=[1], keep=[0.5])", deep=False), tmp_path / "a", backend=backend)

@@ -33,7 +33,7 @@ def lower(name: str, program: Program, directory: Path, progress: Any = None,
                            "convert with --backend onnx or --backend torch")
     if name in ("tvm", "tensorrt") and program.prefill_prune is not None:
         raise BackendError(f"prefill-prune is not built for the {name} backend yet (its engine has no staged "
-                           "prefill)", "convert with --backend onnx")
+                           "prefill)", "convert with --backend onnx or --backend torch")
     if name == "tvm":
         from .tvm_backend import DEFAULT_TARGET, lower_tvm
         target = options.pop("target", DEFAULT_TARGET)

@@ -170,7 +170,29 @@ def export_step_programs(program: Program, directory: Path, weights: dict[str, T
         example, dynamic, _ = decode_example([cache[i] for i in d.cache], mine, ids.shape[0], program.info.vocab_size)
         torch.export.save(export_program(graph, weights, example, dynamic), str(directory / d.file(".pt2")))
         records[d.name] = {**d.record, "decode": d.file(".pt2")}
-    return {"cache": layout_dict(entries), **policy_record(program), **({"drafts": records} if records else {})}
+    staged = _export_stages(program, directory, weights, (ids, pos, mask), batch, seq)
+    return {"cache": layout_dict(entries), **policy_record(program), **({"drafts": records} if records else {}),
+            **staged}
+
+
+def _export_stages(program: Program, directory: Path, weights: dict[str, Tensor], example: tuple[Tensor, ...],
+                   batch: Any, seq: Any) -> dict[str, Any]:
+    """``prefill_stage{s}.pt2`` of a ``prefill-prune`` plan and the manifest's ``prefill_prune`` record ({} without
+    a plan)."""
+    if program.prefill_prune is None:
+        return {}
+    from ..passes.prefill_stages import prefill_stages
+
+    stages, _ = prefill_stages(program)
+    records = []
+    for s, st in enumerate(stages):
+        file = f"prefill_stage{s}.pt2"
+        torch.export.save(export_program(st.gm, weights, example, ({0: batch, 1: seq},) * 3), str(directory / file))
+        records.append({"graph": file, "entries": st.entries, "inputs": st.inputs, "outputs": st.outputs,
+                        "score_layer": st.score_layer})
+        with torch.no_grad():  # the next stage traces on this one's residual stream
+            example = (st.gm(*example)[0].contiguous(), *example[1:])
+    return {"prefill_prune": {**program.prefill_prune.to_dict(), "stages": records}}
 
 
 def write_artifact(program: Program, out: Path, backend: str = "torch", force: bool = False,
@@ -222,9 +244,6 @@ def _fill(program: Program, tmp: Path, backend: str, progress: Any, options: dic
     if program.tokenizer is not None:
         program.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     backend_info: dict[str, Any] = {"name": "torch", "program": "program.pt2"}
-    if backend == "torch" and program.prefill_prune is not None:
-        raise BackendError("prefill-prune is not built for the torch backend's exported programs yet (the eager "
-                           "engine of a Program runs it)", "convert with --backend onnx")
     if backend == "torch" and program.info.task == "causal-lm":
         _say(progress, "exporting prefill.pt2 and decode.pt2 (KV cache as inputs/outputs)")
         backend_info.update(prefill="prefill.pt2", decode="decode.pt2",

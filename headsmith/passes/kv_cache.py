@@ -203,10 +203,14 @@ def _prepare(program: Program) -> tuple[fx.GraphModule, dict[str, fx.Node], dict
 
 
 def _finish(gm: fx.GraphModule, outputs: list[fx.Node]) -> fx.GraphModule:
+    out = gm.graph.output_node()
+    out.args = ((out.args[0], *outputs),)
+    return finish_step_graph(gm)
+
+
+def finish_step_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the cache points (identities) and the dead code; lint and recompile."""
     graph = gm.graph
-    out = graph.output_node()
-    logits = out.args[0]
-    out.args = (tuple([logits, *outputs]),)
     for n in [n for n in graph.nodes if is_call(n, CACHE_POINT)]:
         n.replace_all_uses_with(n.args[0])  # type: ignore[arg-type]
         graph.erase_node(n)

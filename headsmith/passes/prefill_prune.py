@@ -25,7 +25,7 @@ token attends to every prompt token in the early layers and to the kept ones in 
 LazyLLM's decode without its auxiliary cache (pruned tokens are not revived).
 
 Scope: causal LMs whose layers keep a full cache (no sliding window, sinks, blocks or head groups), on the ONNX
-engine. Not with ``kv-evict`` (both decide which prompt tokens the cache keeps) nor with speculative drafts (a
+Runtime and torch engines. Not with ``kv-evict`` (both decide which prompt tokens the cache keeps) nor with speculative drafts (a
 draft's layers would need the stage masks too).
 """
 

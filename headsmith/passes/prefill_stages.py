@@ -25,7 +25,7 @@ from ..errors import BackendError
 from ..fxutil import clone_module, erase_dead, is_call
 from ..program import Program
 from ..sites import attention_by_layer
-from .kv_cache import CACHE_POINT, CacheEntry, _lm_head_last_position, _points, _prepare
+from .kv_cache import CacheEntry, _lm_head_last_position, _points, _prepare, finish_step_graph
 from .kv_scores import key_score_node
 from .prefill_prune import check_prunable
 from .structure import find_blocks
@@ -80,7 +80,7 @@ def prefill_stages(program: Program) -> tuple[list[StageGraph], list[CacheEntry]
         if s > 0:
             _cut_at(gm, nodes[entering[lo]])
             inputs[0] = "hidden"
-        _finish_stage(gm)
+        finish_step_graph(gm)
         stages.append(StageGraph(gm, mine, inputs, out_names, -1 if last else hi - 1))
     return stages, [p.entry for p in points]
 
@@ -102,13 +102,3 @@ def _cut_at(gm: fx.GraphModule, entering: fx.Node) -> None:
         raise BackendError(f"cannot cut the prefill at {entering.name}: input_ids is still read by "
                            f"{next(iter(ids.users)).format_node()}")
     graph.erase_node(ids)
-
-
-def _finish_stage(gm: fx.GraphModule) -> None:
-    graph = gm.graph
-    for n in [n for n in graph.nodes if is_call(n, CACHE_POINT)]:
-        n.replace_all_uses_with(n.args[0])  # type: ignore[arg-type]
-        graph.erase_node(n)
-    erase_dead(graph)
-    graph.lint()
-    gm.recompile()

@@ -240,6 +240,7 @@ class TorchEngine:
     def from_artifact(artifact: Any) -> TorchEngine:
         from .. import ops as _ops  # noqa: F401
         from ..passes import kv_cache as _kv  # noqa: F401  (registers headsmith.cache_point)
+        from ..passes.prefill_stages import StageGraph
         weights = artifact.weights
         backend = artifact.manifest["backend"]
 
@@ -252,10 +253,13 @@ class TorchEngine:
                                token_merge=dict(backend.get("token_merge", {})))
         cache = backend.get("cache", [])
         drafts = dict(backend.get("drafts", {}))
+        staged = backend.get("prefill_prune")
+        stages = [StageGraph(load(st["graph"]), list(st["entries"]), list(st["inputs"]), list(st["outputs"]),
+                             int(st["score_layer"])) for st in staged["stages"]] if staged else []
         return TorchEngine(artifact.info, artifact.spec, load(backend["prefill"]), load(backend["decode"]), forward,
                            [int(e["seq_dim"]) for e in cache], rings_of(cache), drafts,
                            {name: load(d["decode"]) for name, d in drafts.items()}, dict(backend.get("kv_policy", {})),
-                           list(cache))
+                           list(cache), prune_plan=PrunePlan.from_dict(staged) if staged else None, stages=stages)
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         check_inputs(input_ids, attention_mask, position_ids)
