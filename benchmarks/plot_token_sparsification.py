@@ -30,7 +30,8 @@ def eviction_panels(ax_ppl: Any, ax_speed: Any, ours: list[dict[str, Any]], kvpr
         ax_speed.plot(budgets, [r["speedup"] for r in mine], "o-", color=color, label=method)
     base = next(r for r in kvpress if r["row"] == "transformers")
     for method, color in (("snapkv", "C2"), ("streaming", "C4"), ("knorm", "C5")):
-        theirs = sorted((r for r in kvpress if r["row"] == f"kvpress {method} {r['budget']:g}"), key=lambda r: r["budget"])
+        theirs = sorted((r for r in kvpress if r["row"] == f"kvpress {method} {r['budget']:g}"),
+                        key=lambda r: r["budget"])
         ax_ppl.plot([r["budget"] for r in theirs], [r["ppl_gpl3"] / base["ppl_gpl3"] for r in theirs], "s:",
                     color=color, label=f"kvpress {method} (GPL-3)")
     snap = sorted((r for r in rows if r["row"].startswith("snapkv")), key=lambda r: r["budget"])
